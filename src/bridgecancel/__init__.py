@@ -1,7 +1,13 @@
 """Cancel blocking work in threads and processes from async cancel scopes."""
 
+from ._bridge import cancel_on as cancel_on
+from ._bridge import open_token as open_token
 from ._exceptions import BrokenWorkerError as BrokenWorkerError
 from ._exceptions import Cancelled as Cancelled
+from ._stats import Statistics as Statistics
+from ._stats import WorkerStatistics as WorkerStatistics
+from ._stats import statistics as statistics
+from ._threads import run_sync as run_sync
 from ._token import CancelSource as CancelSource
 from ._token import CancelToken as CancelToken
 from ._token import Registration as Registration
@@ -15,7 +21,13 @@ __all__ = (
     "CancelToken",
     "Cancelled",
     "Registration",
+    "Statistics",
+    "WorkerStatistics",
     "any_of",
+    "cancel_on",
     "check_cancelled",
     "current_token",
+    "open_token",
+    "run_sync",
+    "statistics",
 )

@@ -1,0 +1,152 @@
+"""Scopes to tokens and back: `open_token`, `cancel_on`, and the pieces `run_sync` shares.
+
+Only anyio's public API is used; trio's own public API where a trio-only route is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._token import CancelSource, CancelToken
+
+if TYPE_CHECKING:
+    import trio
+
+__all__ = ("cancel_on", "open_token")
+
+CALLER_CANCELLED = "the caller was cancelled"
+
+
+def on_trio() -> bool:
+    """True if the current thread runs a trio task (without importing trio to find out)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_task())
+
+
+def caller_deadline() -> float:
+    """The calling task's effective deadline in `time.monotonic` terms."""
+    deadline = anyio.current_effective_deadline()
+    if deadline == math.inf or deadline == -math.inf:
+        return deadline
+    return time.monotonic() + (deadline - anyio.current_time())
+
+
+def source_for_caller() -> CancelSource:
+    """A source whose token carries the calling task's effective deadline."""
+    deadline = caller_deadline()
+    if deadline == -math.inf:
+        source = CancelSource()
+        source.cancel(CALLER_CANCELLED)
+        return source
+    return CancelSource(deadline=deadline)
+
+
+def redeliver_asyncio_cancel(exc: BaseException) -> None:
+    """Ask again for an asyncio cancellation that was caught to hand over a result.
+
+    anyio's cancel scopes redeliver by themselves (the effective deadline is then
+    -inf); a plain ``Task.cancel()`` fires once, so it is requested again here,
+    keeping the task's cancel count as it was so ``asyncio.timeout`` still works.
+    """
+    if anyio.current_effective_deadline() == -math.inf:
+        return
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - run_sync always runs in a task
+        return
+    message = exc.args[0] if exc.args else None
+    if sys.version_info >= (3, 11):
+        task.uncancel()
+    task.cancel(message)
+
+
+@asynccontextmanager
+async def open_token() -> AsyncIterator[CancelToken]:
+    """Yield a token that fires when the enclosing cancel scope is cancelled.
+
+    For blocking work started some other way than `run_sync` (a thread of your own, a
+    library callback). The token carries the scope's effective deadline and respects
+    shields; it is closed when the block exits, so it does not outlive the scope.
+    """
+    await anyio.lowlevel.checkpoint()
+    source = source_for_caller()
+    leaving = [False]
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_fire_when_cancelled, source, leaving)
+            try:
+                yield source.token
+            finally:
+                leaving[0] = True
+                group.cancel_scope.cancel()
+    finally:
+        source.close()
+
+
+async def _fire_when_cancelled(source: CancelSource, leaving: list[bool]) -> None:
+    # Woken either by the enclosing scope's cancellation (the token must fire) or by
+    # open_token() leaving (it must not: nothing outside was cancelled).
+    try:
+        await anyio.sleep_forever()
+    finally:
+        if not leaving[0]:
+            source.cancel(CALLER_CANCELLED)
+
+
+@contextmanager
+def cancel_on(token: CancelToken) -> Iterator[anyio.CancelScope]:
+    """Cancel the block when `token` fires, from whatever thread fires it.
+
+    Use it in async code: ``with cancel_on(token) as scope:``. ``scope`` is the anyio
+    `CancelScope` around the block, so ``scope.cancelled_caught`` tells whether the
+    token stopped it. This is how a GUI thread, a signal handler or sync code cancels
+    async work.
+    """
+    if not isinstance(token, CancelToken):
+        raise TypeError(
+            f"cancel_on() takes a CancelToken, got {token!r}; pass source.token"
+        )
+    cancel_soon = _threadsafe_caller()
+    with anyio.CancelScope() as scope, token.on_cancel(cancel_soon, scope.cancel):
+        yield scope
+
+
+def _threadsafe_caller() -> Callable[[Callable[[], object]], None]:
+    """A function that runs a callback in this event loop's thread, from any thread."""
+    loop_thread = threading.get_ident()
+    if on_trio():
+        trio_token: trio.lowlevel.TrioToken = sys.modules[
+            "trio"
+        ].lowlevel.current_trio_token()
+
+        def call_in_trio(fn: Callable[[], object]) -> None:
+            if threading.get_ident() == loop_thread:
+                fn()
+                return
+            try:
+                trio_token.run_sync_soon(fn)
+            except RuntimeError:  # the run has finished: nothing left to cancel
+                pass
+
+        return call_in_trio
+
+    loop = asyncio.get_running_loop()
+
+    def call_in_asyncio(fn: Callable[[], object]) -> None:
+        if threading.get_ident() == loop_thread:
+            fn()
+            return
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: nothing left to cancel
+            pass
+
+    return call_in_asyncio
