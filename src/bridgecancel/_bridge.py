@@ -79,15 +79,23 @@ async def open_token() -> AsyncIterator[CancelToken]:
     await anyio.lowlevel.checkpoint()
     source = source_for_caller()
     leaving = [False]
+    # The body's exception is held until the task group has exited, so that it
+    # propagates as itself rather than wrapped in an exception group.
+    failure: BaseException | None = None
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_fire_when_cancelled, source, leaving)
             try:
                 yield source.token
+            except BaseException as exc:
+                failure = exc
             finally:
                 leaving[0] = True
                 group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
+        del failure
         source.close()
 
 
