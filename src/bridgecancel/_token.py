@@ -54,6 +54,15 @@ def _check_deadline(deadline: float) -> float:
     return deadline
 
 
+def _check_seconds(seconds: float) -> float:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise TypeError(f"seconds must be a number, got {seconds!r}")
+    seconds = float(seconds)
+    if math.isnan(seconds):
+        raise ValueError("seconds is NaN: pass a number of seconds, or math.inf for none")
+    return seconds
+
+
 def _report_unraisable(exc: BaseException, message: str, obj: object) -> None:
     """Hand a callback error nobody can catch to ``sys.unraisablehook``.
 
@@ -61,19 +70,31 @@ def _report_unraisable(exc: BaseException, message: str, obj: object) -> None:
     replaced by an equivalent print; custom hooks (pytest's, an app's) get an object
     with the same attributes.
     """
-    if sys.unraisablehook is sys.__unraisablehook__:
+    # Never raise: in the timer thread an error here would kill the thread, and no
+    # later deadline would fire.
+    if sys.unraisablehook is not sys.__unraisablehook__:
+        try:
+            sys.unraisablehook(
+                SimpleNamespace(
+                    exc_type=type(exc),
+                    exc_value=exc,
+                    exc_traceback=exc.__traceback__,
+                    err_msg=message,
+                    object=obj,
+                )
+            )
+            return
+        except BaseException as hook_exc:  # as CPython does when the hook fails
+            _print_unraisable(hook_exc, "Exception ignored in sys.unraisablehook", obj)
+    _print_unraisable(exc, message, obj)
+
+
+def _print_unraisable(exc: BaseException, message: str, obj: object) -> None:
+    try:
         print(f"{message}: {obj!r}", file=sys.stderr)
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        return
-    sys.unraisablehook(
-        SimpleNamespace(
-            exc_type=type(exc),
-            exc_value=exc,
-            exc_traceback=exc.__traceback__,
-            err_msg=message,
-            object=obj,
-        )
-    )
+    except BaseException:  # no usable stderr: nowhere left to report to
+        pass
 
 
 @final
@@ -200,10 +221,13 @@ class CancelToken:
     def _get_event(self) -> threading.Event:
         event = self._event
         if event is None:
+            # Allocate outside the lock: a garbage collection run by any allocation may
+            # call a collected child's weakref callback, which takes this lock.
+            new = threading.Event()
             with self._lock:
                 event = self._event
                 if event is None:
-                    event = self._event = threading.Event()
+                    event = self._event = new
                     if self._fired:
                         event.set()
         return event
@@ -215,8 +239,11 @@ class CancelToken:
         """
         if self._fired:
             return True
-        if timeout is not None and math.isnan(timeout):
-            raise ValueError("timeout is NaN: pass seconds as a number, or None")
+        if timeout is not None:
+            if math.isnan(timeout):
+                raise ValueError("timeout is NaN: pass seconds as a number, or None")
+            if timeout > threading.TIMEOUT_MAX:  # math.inf: Event.wait would overflow
+                timeout = None
         return self._get_event().wait(timeout)
 
     def sleep(self, seconds: float) -> None:
@@ -234,14 +261,18 @@ class CancelToken:
         """
         fds = self._fds
         if fds is None:
+            new = os.pipe()  # outside the lock, as in _get_event
+            os.set_blocking(new[1], False)
             with self._lock:
                 fds = self._fds
                 if fds is None:
-                    fds = self._fds = os.pipe()
-                    os.set_blocking(fds[1], False)
-                    weakref.finalize(self, _close_fds, fds)
+                    fds = self._fds = new
                     if self._fired:
                         os.write(fds[1], b"\0")
+            if fds is new:
+                weakref.finalize(self, _close_fds, fds)
+            else:
+                _close_fds(new)
         return fds[0]
 
     # -- callbacks and children -------------------------------------------------------
@@ -345,12 +376,13 @@ class CancelToken:
             _timer.discard(entry)
 
     def _drop_callbacks(self) -> None:
+        empty: dict[Registration, None] = {}  # allocated outside the lock
         with self._lock:
             callbacks = self._callbacks
             if callbacks is not None:
                 for registration in callbacks:
                     registration._token = None
-                self._callbacks = {}
+                self._callbacks = empty
             entry = self._timer_entry
             self._timer_entry = None
         if entry is not None:
@@ -401,7 +433,7 @@ class CancelSource:
 
     def cancel_after(self, seconds: float) -> None:
         """Set the deadline `seconds` from now."""
-        seconds = _check_deadline(seconds)
+        seconds = _check_seconds(seconds)
         self._token._set_deadline(time.monotonic() + seconds)
 
     def cancel(self, reason: str | None = None) -> None:
@@ -479,11 +511,28 @@ class _DeadlineTimer:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Reentrant: a token with a pending deadline may be collected by a garbage
+        # collection that an allocation made while this lock is held, and its weakref
+        # callback (_forget) then takes the lock again in the same thread.
+        self._cond = threading.Condition(threading.RLock())
         self._heap: list[list[Any]] = []
         self._live = 0
         self._seq = 0
         self._thread: threading.Thread | None = None
+
+    def _after_fork(self) -> None:
+        # In a forked child the timer thread is gone (and its lock may be held by a
+        # thread that no longer exists): start afresh, keeping the pending deadlines.
+        self._cond = threading.Condition(threading.RLock())
+        self._thread = None
+        if self._live:
+            self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name="bridgecancel deadline timer", daemon=True
+        )
+        self._thread.start()
 
     def schedule(self, token: CancelToken, deadline: float) -> list[Any]:
         with self._cond:
@@ -492,10 +541,7 @@ class _DeadlineTimer:
             heapq.heappush(self._heap, entry)
             self._live += 1
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="bridgecancel deadline timer", daemon=True
-                )
-                self._thread.start()
+                self._start()
             elif self._heap[0] is entry:
                 self._cond.notify()
         return entry
@@ -545,6 +591,8 @@ class _DeadlineTimer:
 
 
 _timer = _DeadlineTimer()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_timer._after_fork)
 
 # -- the current token ----------------------------------------------------------------
 
