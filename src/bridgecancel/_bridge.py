@@ -83,15 +83,27 @@ async def open_token() -> AsyncIterator[CancelToken]:
     # propagates as itself rather than wrapped in an exception group.
     failure: BaseException | None = None
     try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_fire_when_cancelled, source, leaving)
-            try:
-                yield source.token
-            except BaseException as exc:
-                failure = exc
-            finally:
-                leaving[0] = True
-                group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_fire_when_cancelled, source, leaving)
+                try:
+                    yield source.token
+                except BaseException as exc:
+                    failure = exc
+                finally:
+                    # The body can leave because of the cancel before the watcher has
+                    # run: fire here too, or the token never would.
+                    if anyio.current_effective_deadline() == -math.inf or isinstance(
+                        failure, anyio.get_cancelled_exc_class()
+                    ):
+                        source.cancel(CALLER_CANCELLED)
+                    leaving[0] = True
+                    group.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # The watcher's share of the enclosing scope's cancellation: it must not
+            # replace an error the body raised.
+            if failure is None:
+                raise
         if failure is not None:
             raise failure
     finally:

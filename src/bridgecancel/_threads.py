@@ -349,17 +349,23 @@ class _TrioWatcher:
 async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
     trio = sys.modules["trio"]
     watcher = _TrioWatcher(job)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watcher.watch)
-        try:
-            result = await anyio.to_thread.run_sync(job.run, limiter=limiter)
-        except BaseException:
+    failure: BaseException | None = None
+    try:
+        # The nursery only hosts the watcher. The job's exception is raised once it has
+        # closed, so that it reaches the caller as itself, not wrapped in a group.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher.watch)
+            try:
+                result = await anyio.to_thread.run_sync(job.run, limiter=limiter)
+            except BaseException as exc:
+                failure = exc
             watcher.stop()
-            if job.ended_by_own_token():
-                # Cancelled because the caller was, or its deadline passed: give the
-                # caller trio's own Cancelled instead.
-                await anyio.sleep_forever()
-            raise
-        watcher.stop()
-        return result
-
+        if failure is None:
+            return result
+        if job.ended_by_own_token():
+            # Cancelled because the caller was, or its deadline passed: give the
+            # caller trio's own Cancelled instead.
+            await anyio.sleep_forever()
+        raise failure
+    finally:
+        del failure  # no cycle through this frame's traceback
