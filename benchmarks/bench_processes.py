@@ -1,0 +1,336 @@
+"""run_process against trio-parallel and anyio.to_process, measured in the same run.
+
+    python benchmarks/bench_processes.py [--quick]
+
+1. A no-op call, per call (median), warm pools. Target: <= 1.0x the best anchor.
+2. Cooperative cancel: a worker blocked in ``current_token().wait()``; seconds from
+   ``scope.cancel()`` to the caller being free (p50, p99), then the time of the next
+   call (warm: no respawn). Target: p50 <= 2 ms. The anchors can only kill on cancel
+   (trio-parallel ``kill_on_cancel=True``, anyio ``cancellable=True``), so their next
+   call pays for a new worker.
+3. Forced path: a worker that ignores its token and swallows the interrupt; cancel to
+   caller free, minus the configured escalation times. Target: <= 5 ms.
+4. Cold start: the first call in a fresh interpreter (the library already imported).
+
+Everything runs under trio (trio-parallel needs it); the no-op case is repeated on
+asyncio for bridgecancel and anyio. Results go to ``benchmarks/results/processes.json``.
+Worker-side functions live at the top of this module and import only the standard
+library, so no library pays for heavy imports in its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+RESULTS = Path(__file__).parent / "results" / "processes.json"
+
+# -- worker side (standard library only at import time) --------------------------------
+
+
+def mark(path: str) -> None:
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def wait_on_token(path: str) -> None:
+    import bridgecancel
+
+    token = bridgecancel.current_token()
+    mark(path)
+    token.wait()
+    token.check()
+
+
+def sleep_long(path: str) -> None:
+    mark(path)
+    time.sleep(3600)
+
+
+def ignore_everything(path: str) -> None:
+    mark(path)
+    while True:
+        try:
+            while True:
+                time.sleep(0.01)
+        except BaseException:
+            pass
+
+
+# -- measuring -------------------------------------------------------------------------
+
+Call = Callable[..., Awaitable[Any]]
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": _pct(samples, 50) * 1e3,
+        "p99_ms": _pct(samples, 99) * 1e3,
+        "mean_ms": statistics.fmean(samples) * 1e3,
+        "n": len(samples),
+    }
+
+
+def _callers(backend: str) -> dict[str, tuple[Call, Call]]:
+    """Per library: (plain call, call that stops its worker on cancel)."""
+    import anyio.to_process
+
+    from bridgecancel._processes import run_process
+
+    callers: dict[str, tuple[Call, Call]] = {
+        "bridgecancel": (run_process, run_process),
+        "anyio.to_process": (
+            anyio.to_process.run_sync,
+            lambda f, *a: anyio.to_process.run_sync(f, *a, cancellable=True),
+        ),
+    }
+    if backend == "trio":
+        import trio_parallel  # type: ignore[import-untyped,unused-ignore]
+
+        callers["trio_parallel"] = (
+            trio_parallel.run_sync,
+            lambda f, *a: trio_parallel.run_sync(f, *a, kill_on_cancel=True),
+        )
+    return callers
+
+
+async def _noop(callers: dict[str, Call], n: int, rounds: int = 10) -> dict[str, list[float]]:
+    """Per-call times; the libraries take turns, so a shared machine's load hits all alike."""
+    for call in callers.values():
+        for _ in range(20):  # warm up: start and reuse the workers
+            await call(int)
+    samples: dict[str, list[float]] = {name: [] for name in callers}
+    for _ in range(rounds):
+        for name, call in callers.items():
+            for _ in range(n // rounds):
+                start = time.perf_counter()
+                await call(int)
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+async def _cancel_then_next(
+    call: Call, func: Callable[[str], None], n: int, tmp: str, minus: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """Cancel `func` once it runs; time cancel -> caller free, then the next call."""
+    import anyio
+
+    await call(int)
+    freed: list[float] = []
+    nexts: list[float] = []
+    for i in range(n):
+        marker = os.path.join(tmp, f"{func.__name__}-{id(call)}-{i}")
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(cast(Any, call), func, marker)
+                with anyio.fail_after(60):
+                    while not os.path.exists(marker):
+                        await anyio.sleep(0.001)
+                await anyio.sleep(0.002)  # let it settle into its wait
+                start = time.perf_counter()
+                scope.cancel()
+        freed.append(time.perf_counter() - start - minus)
+        start = time.perf_counter()
+        await call(int)
+        nexts.append(time.perf_counter() - start)
+    return freed, nexts
+
+
+async def _bench_trio(quick: bool) -> dict[str, Any]:
+    from bridgecancel._processes import run_process
+
+    module = _worker_module()
+    n_noop, n_cancel, n_forced = (1000, 30, 10) if quick else (3000, 200, 30)
+    out: dict[str, Any] = {"noop": {}, "cooperative_cancel": {}, "forced": {}}
+    callers = _callers("trio")
+    noop = await _noop({name: plain for name, (plain, _) in callers.items()}, n_noop)
+    out["noop"] = {name: _summary(samples) for name, samples in noop.items()}
+    with tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
+        for name, (_, cancellable) in callers.items():
+            func = module.wait_on_token if name == "bridgecancel" else module.sleep_long
+            freed, nexts = await _cancel_then_next(cancellable, func, n_cancel, tmp)
+            out["cooperative_cancel"][name] = {
+                "cancel_to_free": _summary(freed),
+                "next_call": _summary(nexts),
+            }
+        for label, interrupt_after, kill_after in (
+            ("kill_after=0.05", None, 0.05),
+            ("interrupt_after=0.02, kill_after=0.05", 0.02, 0.05),
+        ):
+
+            def forced(f: Any, *a: Any, i: Any = interrupt_after, k: Any = kill_after) -> Any:
+                return run_process(f, *a, interrupt_after=i, kill_after=k)
+
+            minus = kill_after + (interrupt_after or 0.0)
+            freed, nexts = await _cancel_then_next(
+                forced, module.ignore_everything, n_forced, tmp, minus=minus
+            )
+            out["forced"][label] = {
+                "overhead_beyond_escalation": _summary(freed),
+                "next_call_respawn": _summary(nexts),
+            }
+    return out
+
+
+async def _bench_asyncio(quick: bool) -> dict[str, Any]:
+    callers = {name: plain for name, (plain, _) in _callers("asyncio").items()}
+    noop = await _noop(callers, 1000 if quick else 3000)
+    return {name: _summary(samples) for name, samples in noop.items()}
+
+
+COLD_SCRIPT = """
+import os, sys, time
+lib = sys.argv[1]
+import trio
+if lib == "bridgecancel":
+    from bridgecancel._processes import run_process as call
+elif lib == "trio_parallel":
+    from trio_parallel import run_sync as call
+else:
+    from anyio.to_process import run_sync as call
+import anyio
+
+async def main():
+    start = time.perf_counter()
+    await call(os.getpid)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    await call(os.getpid)
+    print(first, time.perf_counter() - start)
+
+anyio.run(main, backend="trio")
+"""
+
+
+def _cold_start(quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pycache-") as pycache:
+        # Cached bytecode for every library alike (installed packages have theirs; a
+        # source checkout under PYTHONDONTWRITEBYTECODE would not), outside the tree.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = pycache
+        for name in ("bridgecancel", "trio_parallel", "anyio.to_process"):
+            firsts = []
+            for i in range(1 + (5 if quick else 15)):
+                result = subprocess.run(
+                    [sys.executable, "-c", COLD_SCRIPT, name],
+                    capture_output=True, text=True, check=True, timeout=120, env=env,
+                )
+                if i:  # the first run fills the bytecode cache
+                    firsts.append(float(result.stdout.split()[0]))
+            out[name] = _summary(firsts)
+    return out
+
+
+def _worker_module() -> Any:
+    """This module under an importable name, so workers can find its functions."""
+    if __name__ != "__main__":
+        return sys.modules[__name__]
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_processes
+
+    return bench_processes
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Run every benchmark; return (and save) the figures and ratios to the anchors."""
+    import anyio
+
+    trio_results = anyio.run(_bench_trio, quick, backend="trio")
+    asyncio_results = anyio.run(_bench_asyncio, quick, backend="asyncio")
+    cold = _cold_start(quick)
+
+    noop = trio_results["noop"]
+    best_anchor = min(v["p50_ms"] for k, v in noop.items() if k != "bridgecancel")
+    coop = trio_results["cooperative_cancel"]
+    ours = coop["bridgecancel"]
+    forced = trio_results["forced"].values()
+    forced_p50 = max(v["overhead_beyond_escalation"]["p50_ms"] for v in forced)
+    cold_best_anchor = min(v["p50_ms"] for k, v in cold.items() if k != "bridgecancel")
+    results: dict[str, Any] = {
+        "quick": quick,
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "noop_trio": noop,
+        "noop_asyncio": asyncio_results,
+        "cooperative_cancel_trio": coop,
+        "forced_trio": trio_results["forced"],
+        "cold_start_trio": cold,
+        "ratios": {
+            "noop_vs_best_anchor": noop["bridgecancel"]["p50_ms"] / best_anchor,
+            "cancel_to_free_vs_best_anchor": ours["cancel_to_free"]["p50_ms"]
+            / min(v["cancel_to_free"]["p50_ms"] for k, v in coop.items() if k != "bridgecancel"),
+            "next_call_vs_best_anchor": ours["next_call"]["p50_ms"]
+            / min(v["next_call"]["p50_ms"] for k, v in coop.items() if k != "bridgecancel"),
+            "cold_start_vs_best_anchor": cold["bridgecancel"]["p50_ms"] / cold_best_anchor,
+        },
+    }
+    results["targets"] = {
+        "noop <= 1.0x best anchor": results["ratios"]["noop_vs_best_anchor"] <= 1.0,
+        "cooperative cancel p50 <= 2 ms": ours["cancel_to_free"]["p50_ms"] <= 2.0,
+        "next call after cancel is warm (<= 2x noop p50)": ours["next_call"]["p50_ms"]
+        <= 2 * noop["bridgecancel"]["p50_ms"],
+        "forced path <= kill_after + 5 ms (p50)": forced_p50 <= 5.0,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _print(results: dict[str, Any]) -> None:
+    def table(title: str, rows: dict[str, dict[str, float]]) -> None:
+        print(f"\n{title}")
+        for name, s in rows.items():
+            print(f"  {name:<42} p50 {s['p50_ms']:9.3f} ms   p99 {s['p99_ms']:9.3f} ms")
+
+    table("no-op call (trio)", results["noop_trio"])
+    table("no-op call (asyncio)", results["noop_asyncio"])
+    coop = results["cooperative_cancel_trio"]
+    table("cancel -> caller free (trio)", {k: v["cancel_to_free"] for k, v in coop.items()})
+    table("next call after the cancel (trio)", {k: v["next_call"] for k, v in coop.items()})
+    forced = results["forced_trio"]
+    table(
+        "forced path: cancel -> free, beyond the escalation times (bridgecancel, trio)",
+        {k: v["overhead_beyond_escalation"] for k, v in forced.items()},
+    )
+    table("cold start: first call in a fresh interpreter (trio)", results["cold_start_trio"])
+    print("\nratios (bridgecancel / best anchor, p50):")
+    for name, ratio in results["ratios"].items():
+        print(f"  {name:<42} {ratio:6.2f}x")
+    print("\ntargets:")
+    for name, met in results["targets"].items():
+        print(f"  [{'x' if met else ' '}] {name}")
+    print(f"\nwritten to {RESULTS}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (under a minute)")
+    args = parser.parse_args(argv)
+    _print(run(args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

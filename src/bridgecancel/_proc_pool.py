@@ -1,0 +1,441 @@
+"""Worker processes and the pool that keeps them, seen from the parent.
+
+A worker is ``python -c <boot>`` started with `subprocess`, in its own process group,
+talking over three private pipes (see `_proc_wire`). The pool is one per parent
+process, shared by every event loop: idle workers are reused most-recent first, retire
+after `IDLE_TIMEOUT` seconds, and are shut down at interpreter exit. A worker outlives
+event loops on purpose (the next `asyncio.run` gets a warm worker); a worker never
+outlives its parent, because its watchdog exits when the control pipe closes.
+
+One thread, ``bridgecancel idle reaper``, exists while the pool holds idle or retiring
+workers: it retires idle workers on time and reaps the ones that exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Final
+
+import anyio
+
+from . import _proc_wire as wire
+
+IDLE_TIMEOUT: Final = 300.0
+"""Seconds an idle worker waits for a job before it retires (as anyio's process pool)."""
+
+_RETIRE_GRACE: Final = 2.0  # a retiring worker that has not exited by then is killed
+_LIVENESS_PERIOD: Final = 1.0  # how often the reaper checks that idle workers are alive
+_SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Load `bridgecancel._worker` without running the package's __init__, which may import
+# anyio; `_worker._make_package_lazy` runs it later if a job asks the package for a name.
+_BOOT: Final = """\
+import sys
+if sys.path and sys.path[0] == '':
+    del sys.path[0]
+from importlib.machinery import PathFinder
+spec = PathFinder.find_spec('bridgecancel', [sys.argv[1]])
+pkg = None
+if spec is not None and spec.loader is not None and spec.submodule_search_locations:
+    pkg = type(sys)('bridgecancel')
+    pkg.__spec__ = spec
+    pkg.__loader__ = spec.loader
+    pkg.__file__ = spec.origin
+    pkg.__path__ = spec.submodule_search_locations
+    pkg.__package__ = 'bridgecancel'
+    sys.modules['bridgecancel'] = pkg
+import bridgecancel._worker as worker
+worker.main(pkg, spec)
+"""
+
+
+class WorkerProcess:
+    """One worker process and the parent's ends of its pipes."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], job_w: int, ctl_w: int, res_r: int
+    ) -> None:
+        self.pid: Final = proc.pid
+        self._proc = proc
+        self._job_w = job_w
+        self._ctl_w = ctl_w
+        self._res_r = res_r
+        self._pidfd = _open_pidfd(proc.pid)
+        self._buf = bytearray()
+        self._last_job_id = 0
+        self.idle_since = 0.0
+        self.retire_deadline = math.inf
+        self.killed = False
+
+    @classmethod
+    def spawn(cls) -> WorkerProcess:
+        """Start a worker. It boots while the first job is already waiting in its pipe."""
+        fds: list[int] = []
+        try:
+            job_r, job_w = _pipe(fds)
+            ctl_r, ctl_w = _pipe(fds)
+            res_r, res_w = _pipe(fds)
+            child_ends = (job_r, ctl_r, res_w)
+            args = [sys.executable, "-c", _BOOT, _SRC_DIR, *map(str, child_ends)]
+            if sys.version_info >= (3, 11):
+                proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, pass_fds=child_ends, process_group=0
+                )
+            else:  # pragma: no cover - Python 3.10
+                proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, pass_fds=child_ends, start_new_session=True
+                )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in child_ends:
+            os.close(fd)
+        worker = cls(proc, job_w, ctl_w, res_r)
+        try:
+            # Small, into an empty pipe: this does not block (a huge sys.path would only
+            # wait for the worker to read it, which it does first thing).
+            wire.write_all(job_w, wire.job_message(wire.CONFIG_JOB_ID, math.inf, _config()))
+        except BrokenPipeError:
+            pass  # it died at start-up; the first job reports how
+        for fd in (job_w, ctl_w, res_r):
+            os.set_blocking(fd, False)
+        return worker
+
+    def __repr__(self) -> str:
+        return f"<bridgecancel worker process {self.pid}>"
+
+    # -- talking to the worker (async side) ---------------------------------------------
+
+    def next_job_id(self) -> int:
+        self._last_job_id += 1
+        return self._last_job_id
+
+    def send_nowait(self, data: bytes | memoryview) -> memoryview:
+        """Write what fits in the job pipe now; return the rest (usually nothing)."""
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._job_w, view)
+            except BlockingIOError:
+                break
+            view = view[written:]
+        return view
+
+    async def send_rest(self, view: memoryview) -> None:
+        """Write the rest of a message (shield this: a partial job breaks the pipe)."""
+        while view:
+            await anyio.wait_writable(self._job_w)
+            view = self.send_nowait(view)
+
+    async def receive(self) -> tuple[int, int, bytes] | None:
+        """The next ``(job id, kind, payload)`` from the worker; None once it has exited.
+
+        Cancellable, and safe to call again after a cancel: a partly read message stays
+        in the buffer.
+        """
+        buf = self._buf
+        size = wire.RESULT_HEADER.size
+        while True:
+            need = size
+            if len(buf) >= size:
+                length, job_id, kind = wire.RESULT_HEADER.unpack_from(buf)
+                need = size + length
+                if len(buf) >= need:
+                    payload = bytes(buf[size:need])
+                    del buf[:need]
+                    return job_id, kind, payload
+            # Wait first: right after a job is sent, a read would only fail with EAGAIN.
+            await anyio.wait_readable(self._res_r)
+            try:
+                chunk = os.read(self._res_r, max(65536, need - len(buf)))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return None
+            buf += chunk
+
+    def control(self, kind: int, job_id: int, reason: str | None = None) -> None:
+        """Send a cancel or interrupt record; best effort (a dead worker needs neither)."""
+        try:
+            os.write(self._ctl_w, wire.control_record(kind, job_id, reason))
+        except OSError:  # a full pipe (a wedged worker) or a dead one
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group: the worker and its children."""
+        self.killed = True
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        # Safe until the worker is reaped: its zombie keeps the group id reserved.
+        if self._proc.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def exit_status(self) -> int | None:
+        """The worker's return code once it has exited (and is then reaped), else None."""
+        return self._proc.poll()
+
+    async def wait_exit(self) -> int:
+        """Wait until the worker has exited, reap it, and return its return code."""
+        delay = 0.0005
+        while (returncode := self._proc.poll()) is None:
+            if self._pidfd >= 0:
+                await anyio.wait_readable(self._pidfd)
+            else:  # no pidfd (not Linux): poll, briefly, since it is exiting already
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        return returncode
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def close_pipes(self) -> None:
+        """Close the job and control pipes: an idle worker exits, a busy one kills itself."""
+        for name in ("_job_w", "_ctl_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def release(self) -> None:
+        """Close every descriptor; call once the worker has been reaped."""
+        self.close_pipes()
+        for name in ("_res_r", "_pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child of the parent: drop the parent's ends without reaping."""
+        self.release()
+        # This process is not the worker's parent; keep Popen from warning or waiting.
+        self._proc.returncode = 0
+
+    def reap_blocking(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds (in a thread, not the event loop) for the exit."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def exit_fd(self) -> int:
+        """A descriptor that becomes readable when the worker exits (or -1)."""
+        return self._pidfd
+
+
+def _pipe(fds: list[int]) -> tuple[int, int]:
+    r, w = os.pipe()
+    fds += (r, w)
+    return r, w
+
+
+def _open_pidfd(pid: int) -> int:
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return -1
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError:
+        return -1
+    return fd
+
+
+def _config() -> bytes:
+    """What a worker needs from the parent: its import path, and where __main__ lives."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    main_name = getattr(spec, "name", None)
+    if main_name == "__main__":  # a directory or zip run as a script: use its path
+        main_name = None
+    main_path = getattr(main, "__file__", None)
+    config = {
+        "sys_path": list(sys.path),
+        "main_name": main_name,
+        "main_path": os.path.abspath(main_path) if main_path else None,
+    }
+    return pickle.dumps(config, pickle.HIGHEST_PROTOCOL)
+
+
+def main_is_loadable() -> bool:
+    """Whether a worker can import the parent's ``__main__`` (it has a file or a name)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return bool(getattr(spec, "name", None) or getattr(main, "__file__", None))
+
+
+class Pool:
+    """The idle workers of this process, and the thread that retires and reaps them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[WorkerProcess] = []  # most recently used last
+        self._retiring: list[WorkerProcess] = []
+        self._all: set[WorkerProcess] = set()
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self.idle_timeout = IDLE_TIMEOUT
+
+    def idle_pids(self) -> set[int]:
+        with self._lock:
+            return {worker.pid for worker in self._idle}
+
+    def take(self) -> WorkerProcess:
+        """A live idle worker, or a new one."""
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.exit_status() is None:
+                    return worker
+                self._discard_locked(worker)  # died while idle: already reaped by poll()
+        worker = WorkerProcess.spawn()
+        with self._lock:
+            self._all.add(worker)
+        return worker
+
+    def give_back(self, worker: WorkerProcess) -> None:
+        """Return a worker whose job ended cleanly, for reuse."""
+        worker.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append(worker)
+            self._ensure_thread_locked()
+
+    def retire(self, worker: WorkerProcess, *, kill: bool = False) -> None:
+        """Let a worker exit (or kill it) and have the reaper thread reap it."""
+        worker.close_pipes()
+        if kill:
+            worker.kill()
+        worker.retire_deadline = time.monotonic() + _RETIRE_GRACE
+        with self._lock:
+            self._retiring.append(worker)
+            self._ensure_thread_locked()
+            self._wake_locked()
+
+    def discard(self, worker: WorkerProcess) -> None:
+        """Forget a worker that has been reaped."""
+        with self._lock:
+            self._discard_locked(worker)
+
+    def _discard_locked(self, worker: WorkerProcess) -> None:
+        worker.release()
+        self._all.discard(worker)
+
+    # -- the reaper thread -------------------------------------------------------------
+
+    def _ensure_thread_locked(self) -> None:
+        if self._thread is None:
+            if self._wake_r < 0:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_w, False)
+            self._thread = threading.Thread(
+                target=self._reap_loop, name="bridgecancel idle reaper", daemon=True
+            )
+            self._thread.start()
+
+    def _wake_locked(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or shutting down
+
+    def _reap_loop(self) -> None:
+        while True:
+            with self._lock:
+                timeout = self._reap_once_locked(time.monotonic())
+                if timeout is None:
+                    self._thread = None
+                    return
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                for worker in self._retiring:
+                    if worker.exit_fd() >= 0:
+                        poller.register(worker.exit_fd(), select.POLLIN)
+                wake_r = self._wake_r
+            events = poller.poll(max(0.0, timeout) * 1000)
+            if any(fd == wake_r for fd, _ in events):
+                try:
+                    os.read(wake_r, 4096)
+                except (BlockingIOError, OSError):
+                    pass
+
+    def _reap_once_locked(self, now: float) -> float | None:
+        """Reap, retire and kill what is due; the seconds until next due (None: stop)."""
+        still: list[WorkerProcess] = []
+        for worker in self._retiring:
+            if worker.exit_status() is not None:
+                self._discard_locked(worker)
+                continue
+            if now >= worker.retire_deadline:
+                worker.kill_group()
+                worker.retire_deadline = now + _RETIRE_GRACE
+            still.append(worker)
+        self._retiring = still
+        keep: list[WorkerProcess] = []
+        for worker in self._idle:
+            if worker.exit_status() is not None:  # died while idle
+                self._discard_locked(worker)
+            elif now - worker.idle_since >= self.idle_timeout:
+                worker.close_pipes()
+                worker.retire_deadline = now + _RETIRE_GRACE
+                self._retiring.append(worker)
+            else:
+                keep.append(worker)
+        self._idle = keep
+        if not self._idle and not self._retiring:
+            return None
+        due = [_LIVENESS_PERIOD]
+        due += (w.idle_since + self.idle_timeout - now for w in self._idle)
+        due += (w.retire_deadline - now for w in self._retiring)
+        if any(w.exit_fd() < 0 for w in self._retiring):
+            due.append(0.02)  # no pidfd to wait on: poll exiting workers
+        return min(due)
+
+    # -- process-wide events -----------------------------------------------------------
+
+    def shutdown(self, timeout: float = 1.0) -> None:
+        """At interpreter exit: end every worker, politely first, and reap them all."""
+        with self._lock:
+            workers = list(self._all)
+            self._idle.clear()
+            self._retiring.clear()
+            self._all.clear()
+            self._wake_locked()
+        for worker in workers:
+            worker.close_pipes()  # idle workers exit; busy ones kill their group
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            if not worker.reap_blocking(max(0.0, deadline - time.monotonic())):
+                worker.kill_group()
+                worker.reap_blocking(5.0)
+            worker.release()
+
+    def after_fork_in_child(self) -> None:
+        """A fork of the parent must not hold the workers' pipes (their watchdogs use EOF)."""
+        self._lock = threading.Lock()
+        for worker in self._all:
+            worker.forget_after_fork()
+        self._idle, self._retiring, self._all = [], [], set()
+        self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+pool: Final = Pool()
+atexit.register(pool.shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=pool.after_fork_in_child)

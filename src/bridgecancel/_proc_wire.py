@@ -1,0 +1,150 @@
+"""The wire format between the pool and its worker processes (standard library only).
+
+Three private pipes per worker, each written by one side and read by the other:
+
+- jobs (parent -> worker main thread): ``JOB_HEADER`` then a pickled ``(func, args)``.
+  The first message on it is the worker's configuration (job id 0).
+- control (parent -> worker listener thread): fixed ``CONTROL_HEADER`` records that
+  cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
+  worker that its parent is gone.
+- results (worker -> parent): ``RESULT_HEADER`` then a payload whose meaning depends on
+  the kind byte.
+
+Every message names its job, so a late control record never touches a later job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from typing import Any, Final
+
+# payload length, job id, deadline (time.monotonic terms, inf for none)
+JOB_HEADER: Final = struct.Struct("!IQd")
+# kind, job id, reason length
+CONTROL_HEADER: Final = struct.Struct("!BQH")
+# payload length, job id, kind
+RESULT_HEADER: Final = struct.Struct("!IQB")
+
+# Control kinds.
+CANCEL: Final = 1
+INTERRUPT: Final = 2
+
+# Result kinds.
+RETURNED: Final = 0  # payload: the pickled return value
+RAISED: Final = 1  # payload: pickled (exception, remote traceback text)
+CANCELLED: Final = 2  # payload: the token's reason, UTF-8 (empty for None)
+LOAD_FAILED: Final = 3  # payload: UTF-8 message; the job could not be unpickled
+SEND_FAILED: Final = 4  # payload: UTF-8 message; the result or error could not be pickled
+
+# A cancel reason longer than this is cut, so a control record fits in one atomic write.
+MAX_REASON: Final = 1024
+
+CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
+
+Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_pool._config)
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle `obj`; fall back to cloudpickle (if installed) for lambdas and closures.
+
+    Plain pickle comes first: it is faster, and it is what the other side can always
+    load. cloudpickle is imported only when plain pickle has already failed.
+    """
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        try:
+            import cloudpickle  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise exc from None
+        data: bytes = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        return data
+
+
+def describe_pickling_error(exc: BaseException) -> str:
+    """One line on why pickling failed, for messages that then say what to do."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
+    """Read exactly `n` bytes from a blocking descriptor; None at end of file."""
+    if n == 0:
+        return b""
+    chunk = os.read(fd, n)
+    if len(chunk) == n:
+        return chunk
+    if not chunk:
+        return None
+    buf = io.BytesIO()
+    buf.write(chunk)
+    remaining = n - len(chunk)
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            return None
+        buf.write(chunk)
+        remaining -= len(chunk)
+    return buf.getvalue()
+
+
+class MessageReader:
+    """Reads job messages from a blocking descriptor, usually in one system call each."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = b""
+
+    def read_job(self) -> tuple[int, float, bytes] | None:
+        """The next ``(job id, deadline, payload)``; None at end of file."""
+        size = JOB_HEADER.size
+        buf = self._buf
+        if len(buf) < size:
+            more = self._fill(size - len(buf))
+            if more is None:
+                return None
+            buf += more
+        length, job_id, deadline = JOB_HEADER.unpack_from(buf)
+        end = size + length
+        if len(buf) < end:
+            more = read_exact(self._fd, end - len(buf))
+            if more is None:
+                return None
+            buf += more
+        payload, self._buf = buf[size:end], buf[end:]
+        return job_id, deadline, payload
+
+    def _fill(self, at_least: int) -> bytes | None:
+        chunk = os.read(self._fd, max(at_least, 65536))
+        if not chunk:
+            return None
+        if len(chunk) < at_least:
+            rest = read_exact(self._fd, at_least - len(chunk))
+            if rest is None:
+                return None
+            chunk += rest
+        return chunk
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` to a blocking descriptor."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def control_record(kind: int, job_id: int, reason: str | None) -> bytes:
+    encoded = (reason or "").encode("utf-8", "replace")[:MAX_REASON]
+    return CONTROL_HEADER.pack(kind, job_id, len(encoded)) + encoded
+
+
+def result_message(kind: int, job_id: int, payload: bytes) -> bytes:
+    return RESULT_HEADER.pack(len(payload), job_id, kind) + payload
+
+
+def job_message(job_id: int, deadline: float, payload: bytes) -> bytes:
+    return JOB_HEADER.pack(len(payload), job_id, deadline) + payload
+

@@ -1,0 +1,408 @@
+"""`run_process`: run a sync function in a pooled worker process, with a real token.
+
+The pieces: `_proc_pool` starts and keeps worker processes, `_worker` is the process
+side, `_proc_wire` the bytes between them, and `_proc_supervise` the cancel, escalate
+and deliver logic shared with the thread bridge. This module validates a call, pickles
+the job, picks a worker, and turns what came back into a value or an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar, checkpoint_if_cancelled
+
+from . import _proc_wire as wire
+from ._exceptions import BrokenWorkerError, Cancelled
+from ._proc_pool import WorkerProcess, main_is_loadable, pool
+from ._proc_supervise import supervise
+from ._stats import Outcome, counters, log_cancelled
+
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+else:  # pragma: no cover - exercised on 3.10 only
+    from typing_extensions import TypeVarTuple, Unpack
+
+__all__ = (
+    "DEFAULT_INTERRUPT_AFTER",
+    "DEFAULT_KILL_AFTER",
+    "RemoteTraceback",
+    "current_default_process_limiter",
+    "idle_worker_pids",
+    "run_process",
+)
+
+T = TypeVar("T")
+PosArgsT = TypeVarTuple("PosArgsT")
+
+DEFAULT_INTERRUPT_AFTER: Final = 1.0
+"""Seconds from the cancel to raising `Cancelled` inside a worker that ignores its token."""
+
+DEFAULT_KILL_AFTER: Final = 2.0
+"""Seconds from the interrupt to killing a worker that is still running."""
+
+_default_limiter: RunVar[anyio.CapacityLimiter] = RunVar("bridgecancel_process_limiter")
+
+
+def current_default_process_limiter() -> anyio.CapacityLimiter:
+    """The limiter `run_process` uses when given none: one per event loop.
+
+    It allows as many jobs at once as this machine has CPUs (as ``anyio.to_process``
+    and trio-parallel do); set its ``total_tokens`` to change that.
+    """
+    try:
+        return _default_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
+        _default_limiter.set(limiter)
+        return limiter
+
+
+def idle_worker_pids() -> set[int]:
+    """The process ids of the idle pooled workers (which outlive calls by design)."""
+    return pool.idle_pids()
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised in a worker process, kept as text.
+
+    It is the ``__cause__`` of the copy of the error that `run_process` raises, so it
+    prints above the local traceback.
+    """
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
+
+
+async def run_process(
+    func: Callable[[Unpack[PosArgsT]], T],
+    *args: Unpack[PosArgsT],
+    limiter: anyio.CapacityLimiter | None = None,
+    interrupt_after: float | None = DEFAULT_INTERRUPT_AFTER,
+    kill_after: float | None = DEFAULT_KILL_AFTER,
+) -> T:
+    """Call ``func(*args)`` in a pooled worker process and return its result.
+
+    Inside the worker, `current_token()` is the job's token: it fires as soon as the
+    calling task is cancelled (by a cancel scope, a deadline, ``asyncio.timeout``,
+    ``Task.cancel()`` or a failing task group), and its deadline is the caller's.
+    ``token.wait()`` in the worker wakes at once; there is no polling.
+
+    If the worker ignores its token, `interrupt_after` seconds after the cancel
+    `Cancelled` is raised in its Python code (so ``finally`` blocks run), and
+    `kill_after` seconds after that its whole process group is killed and the worker
+    replaced. Pass None to skip a stage; with both None the call waits for the worker
+    however long it takes. The call returns only once the job has ended.
+
+    A worker that stopped because of the cancel becomes the caller's own cancellation.
+    A worker that returns anyway has its result returned (the cancellation is delivered
+    at the next checkpoint); an error it raises arrives as a copy of the same type,
+    whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
+    limiter never starts.
+
+    Args:
+        func: a sync callable that pickle can send (a module-level function; lambdas
+            and closures need ``cloudpickle`` installed).
+        args: positional arguments for `func`, also pickled.
+        limiter: bounds how many jobs run at once; default
+            `current_default_process_limiter()` (the CPU count).
+        interrupt_after: seconds from the cancel to the interrupt, or None.
+        kill_after: seconds from the interrupt (or the cancel, if `interrupt_after` is
+            None) to the kill, or None.
+
+    Raises:
+        BrokenWorkerError: the worker exited or died by a signal while running the job.
+        pickle.PicklingError: the function, an argument, the result or the error could
+            not be pickled.
+        pickle.UnpicklingError: the worker could not load the job, or the parent could
+            not load what came back.
+    """
+    if sys.platform == "win32":  # pragma: no cover - POSIX only
+        raise NotImplementedError(
+            "run_process() needs POSIX process groups and signals; on Windows use "
+            "anyio.to_process.run_sync or trio_parallel.run_sync"
+        )
+    _check_callable(func)
+    interrupt_after = _check_seconds("interrupt_after", interrupt_after)
+    kill_after = _check_seconds("kill_after", kill_after)
+    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
+        raise TypeError(f"limiter must be an anyio.CapacityLimiter or None, got {limiter!r}")
+    _check_not_loading_main()
+    payload = _pickle_job(func, args)
+    if limiter is None:
+        limiter = current_default_process_limiter()
+    await checkpoint_if_cancelled()
+    try:
+        # A free token is taken without yielding to the event loop; waiting for the
+        # result is this call's schedule point.
+        limiter.acquire_nowait()
+        queued = False
+    except anyio.WouldBlock:
+        await limiter.acquire()
+        queued = True
+    try:
+        if queued:  # cancelled while it waited for the limiter: the job never starts
+            await checkpoint_if_cancelled()
+        return await _run_in_worker(func, payload, interrupt_after, kill_after)  # type: ignore[no-any-return]
+    finally:
+        limiter.release()
+
+
+async def _run_in_worker(
+    func: Callable[..., object],
+    payload: bytes,
+    interrupt_after: float | None,
+    kill_after: float | None,
+) -> Any:
+    worker = pool.take()
+    deadline = anyio.current_effective_deadline()
+    remote_deadline = math.inf
+    if deadline != math.inf:
+        remote_deadline = time.monotonic() + (deadline - anyio.current_time())
+    job = _ProcessJob(worker, worker.next_job_id(), func)
+    counters.started("processes")
+    try:
+        try:
+            rest = worker.send_nowait(wire.job_message(job.job_id, remote_deadline, payload))
+            if rest:  # a large job: finish sending it even if cancelled meanwhile
+                with anyio.CancelScope(shield=True):
+                    await worker.send_rest(rest)
+        except BrokenPipeError:
+            pass  # the worker died; supervise() sees it exit
+        return await supervise(
+            job,
+            interrupt_after=interrupt_after,
+            kill_after=kill_after,
+            deadline=deadline,
+            on_ended=job.ended,
+        )
+    finally:
+        if not job.released:  # left before the job ended (the coroutine was closed)
+            job.ended("killed", None, abandon=True)
+
+
+class _ProcessJob:
+    """One job in one worker process: the `_proc_supervise.Job` protocol."""
+
+    def __init__(self, worker: WorkerProcess, job_id: int, func: Callable[..., object]) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self.func = func
+        self.message: tuple[int, bytes] | None = None  # (kind, payload) from the worker
+        self.returncode: int | None = None  # set if the worker died during the job
+        self.interrupted = False
+        self.released = False
+        self._exiting = False  # the worker's result pipe closed: it is exiting
+
+    async def wait(self) -> None:
+        worker = self.worker
+        while self.returncode is None:
+            if self.message is not None and not worker.killed:
+                return
+            if self._exiting:
+                self.returncode = await worker.wait_exit()
+                continue
+            received = await worker.receive()
+            if received is None:
+                self._exiting = True
+                worker.kill_group()  # the worker is gone; so are children it left
+            elif received[0] == self.job_id:
+                self.message = (received[1], received[2])
+
+    def cancel(self, reason: str) -> None:
+        self.worker.control(wire.CANCEL, self.job_id, reason)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.worker.control(wire.INTERRUPT, self.job_id)
+
+    def kill(self) -> None:
+        self.worker.kill()
+
+    @property
+    def stopped_by_cancel(self) -> bool:
+        if self.message is not None:  # it answered, maybe just before the kill landed
+            return self.message[0] == wire.CANCELLED
+        return self.worker.killed
+
+    def ended(self, outcome: Outcome, reason: str | None, *, abandon: bool = False) -> None:
+        """Count and log how the job ended, and hand the worker back, on, or away."""
+        self.released = True
+        worker = self.worker
+        if abandon:
+            pool.retire(worker, kill=True)
+        elif self.returncode is not None:
+            pool.discard(worker)  # reaped already
+        elif self.interrupted:
+            pool.retire(worker)  # the interrupt may have left it in a bad state
+        else:
+            pool.give_back(worker)
+        counters.finished("processes", outcome)
+        if reason is not None:
+            log_cancelled("processes", outcome, self.func, reason)
+
+    def result(self) -> Any:
+        if self.message is None:
+            assert self.returncode is not None
+            raise _broken_worker(self.worker.pid, self.returncode, self.func)
+        kind, body = self.message
+        if kind == wire.RETURNED:
+            return _load(body, f"the result of {_describe(self.func)}")
+        if kind == wire.RAISED:
+            error, tb_text = _load(body, f"the error raised by {_describe(self.func)}")
+            raise error from RemoteTraceback(tb_text)
+        if kind == wire.CANCELLED:
+            raise Cancelled._create(None, body.decode("utf-8", "replace") or None)
+        if kind == wire.LOAD_FAILED:
+            raise pickle.UnpicklingError(body.decode("utf-8", "replace"))
+        raise pickle.PicklingError(body.decode("utf-8", "replace"))
+
+
+def _load(body: bytes, what: str) -> Any:
+    try:
+        return pickle.loads(body)
+    except Exception as exc:
+        raise pickle.UnpicklingError(
+            f"{what} came back from the worker but could not be unpickled here "
+            f"({type(exc).__name__}: {exc}); make sure its class can be imported by the "
+            "caller's process"
+        ) from exc
+
+
+def _broken_worker(pid: int, returncode: int, func: Callable[..., object]) -> BrokenWorkerError:
+    if returncode < 0:
+        signum = -returncode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return BrokenWorkerError(
+            f"the worker process (pid {pid}) died by {name} while running "
+            f"{_describe(func)}; the pool has replaced it",
+            signal=signum,
+        )
+    return BrokenWorkerError(
+        f"the worker process (pid {pid}) exited with code {returncode} while running "
+        f"{_describe(func)} (did it call sys.exit() or os._exit()?); the pool has "
+        "replaced it",
+        exitcode=returncode,
+    )
+
+
+# -- checking a call -------------------------------------------------------------------
+
+
+def _check_callable(func: object) -> None:
+    if not callable(func):
+        raise TypeError(
+            f"run_process() needs a callable as its first argument, got {func!r}"
+        )
+    if isinstance(func, (type, types.BuiltinFunctionType)):
+        return  # classes and builtins are sync (and the check is on every call)
+    target = func.func if isinstance(func, functools.partial) else func
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"run_process() runs sync functions in a worker process, but {_describe(func)} "
+            "is a coroutine function; await it directly instead"
+        )
+
+
+def _check_seconds(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a non-negative number of seconds (or None to skip that "
+            f"stage), got {value!r}"
+        )
+    return None if value == math.inf else float(value)
+
+
+def _check_not_loading_main() -> None:
+    worker = sys.modules.get("bridgecancel._worker")
+    if worker is not None and worker.loading_parent_main():
+        raise RuntimeError(
+            "run_process() was called while a worker process was importing the main "
+            "script to load a function from it; put the script's top-level code under "
+            "if __name__ == '__main__':"
+        )
+
+
+def _pickle_job(func: Callable[..., object], args: tuple[object, ...]) -> bytes:
+    """Pickle ``(func, args)`` now, so errors name the culprit before a worker is used."""
+    if getattr(func, "__module__", None) == "__main__" and not main_is_loadable():
+        return _pickle_by_value(func, args)
+    try:
+        return wire.dumps((func, args))
+    except Exception as exc:
+        raise pickle.PicklingError(_unpicklable_message(func, args)) from exc
+
+
+def _pickle_by_value(func: Callable[..., object], args: tuple[object, ...]) -> bytes:
+    """A function from an interactive ``__main__``: workers cannot import it by name."""
+    try:
+        import cloudpickle  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise pickle.PicklingError(
+            f"{_describe(func)} is defined in an interactive __main__ (a REPL, a notebook "
+            "or python -c), which worker processes cannot import; define it in a module, "
+            "or install cloudpickle (pip install cloudpickle) to send it by value"
+        ) from None
+    data: bytes = cloudpickle.dumps((func, args), pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) -> str:
+    fix = _cloudpickle_hint()
+    try:
+        wire.dumps(func)
+    except Exception as exc:
+        return (
+            f"cannot send {_describe(func)} to a worker process: pickling it failed "
+            f"({wire.describe_pickling_error(exc)}); define it at module level (lambdas, "
+            f"closures and nested functions cannot be pickled by name){fix}"
+        )
+    for index, arg in enumerate(args):
+        try:
+            wire.dumps(arg)
+        except Exception as exc:
+            return (
+                f"cannot send argument {index} of {_describe(func)}, a "
+                f"{type(arg).__qualname__}, to a worker process: pickling it failed "
+                f"({wire.describe_pickling_error(exc)}); pass picklable data (locks, "
+                "open files, sockets and generators cannot be pickled)"
+            )
+    return f"cannot pickle the call {_describe(func)} to send it to a worker process"
+
+
+def _cloudpickle_hint() -> str:
+    try:
+        import cloudpickle  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return ", or install cloudpickle (pip install cloudpickle) to send it by value"
+    return ""
+
+
+def _describe(func: object) -> str:
+    name = getattr(func, "__qualname__", None)
+    if name is None:
+        return repr(func)
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}()" if module else f"{name}()"

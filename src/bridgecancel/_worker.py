@@ -1,0 +1,389 @@
+"""The worker process: runs jobs from the pool with a real cancel token.
+
+Standard library only, and never anyio: a worker must start fast. The pool launches
+``python -c <boot>``, which loads this module without running the package's
+``__init__`` (see `_make_package_lazy`) and calls `main`.
+
+Three threads of control matter here:
+
+- the main thread reads jobs and runs them, one at a time, with `current_token()` set to
+  the job's token;
+- the listener thread reads the control pipe: a cancel record fires the job's token (an
+  event, so a worker blocked in ``token.wait()`` wakes at once); an interrupt record
+  signals the main thread, whose handler raises `Cancelled` in the job's Python code;
+  end of file means the parent is gone, and the worker exits even if a job spins;
+- signal handlers, which Python runs in the main thread.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+import types
+from typing import Any, NoReturn
+
+from . import _proc_wire as wire
+from ._exceptions import Cancelled
+from ._token import CancelSource, CancelToken, _current, _report_unraisable
+
+INTERRUPT_SIGNAL = signal.SIGUSR1
+
+
+class _State:
+    """What the listener thread and the signal handler need to know about the job."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.job_id = 0  # the job the main thread has taken (0: none yet)
+        self.source: CancelSource | None = None  # set while that job runs
+        self.busy = False  # from receiving a job until its result is written
+        self.pending_cancel: tuple[int, str | None] | None = None  # arrived before its job
+        self.interruptible = False  # True only while the job's own code runs
+        self.interrupt_job = 0
+        self.main_ident = threading.get_ident()
+        self.config: wire.Config = {}
+        self.main_loaded = False
+        self.loading_main = False  # guards run_process against an unguarded __main__
+
+
+_state = _State()
+
+
+def loading_parent_main() -> bool:
+    """True while this worker runs the parent's ``__main__`` to load a function from it."""
+    return _state.loading_main
+
+
+# -- the control listener ----------------------------------------------------------------
+
+
+def _listen(ctl_fd: int) -> None:
+    while True:
+        record = _read_control(ctl_fd)
+        if record is None:
+            _parent_gone()
+        kind, job_id, reason = record
+        if kind == wire.CANCEL:
+            _cancel(job_id, reason)
+        elif kind == wire.INTERRUPT:
+            _interrupt(job_id)
+
+
+def _read_control(ctl_fd: int) -> tuple[int, int, str | None] | None:
+    """The next ``(kind, job id, reason)`` record; None once the parent is gone."""
+    try:
+        head = wire.read_exact(ctl_fd, wire.CONTROL_HEADER.size)
+        if head is None:
+            return None
+        kind, job_id, length = wire.CONTROL_HEADER.unpack(head)
+        data = wire.read_exact(ctl_fd, length)
+    except OSError:
+        return None
+    if data is None:
+        return None
+    return kind, job_id, data.decode("utf-8", "replace") or None
+
+
+def _cancel(job_id: int, reason: str | None) -> None:
+    with _state.lock:
+        source = _state.source if job_id == _state.job_id else None
+        if source is None:
+            if job_id > _state.job_id:  # the main thread has not taken this job yet
+                _state.pending_cancel = (job_id, reason)
+            return
+    try:
+        source.cancel(reason)
+    except BaseException as exc:  # on_cancel callbacks failed; the job carries on
+        _report_unraisable(exc, "Exception in on_cancel callback of a process job", source)
+
+
+def _interrupt(job_id: int) -> None:
+    with _state.lock:
+        if job_id != _state.job_id or not _state.busy:
+            return
+        _state.interrupt_job = job_id
+    # Aimed at the main thread, so that a blocking call there fails with EINTR and the
+    # handler runs now; a process-wide signal might land on a thread that ignores it.
+    signal.pthread_kill(_state.main_ident, INTERRUPT_SIGNAL)
+
+
+def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    state = _state
+    if state.interruptible and state.interrupt_job == state.job_id:
+        source = state.source
+        if source is not None:
+            state.interrupt_job = 0  # one Cancelled per interrupt
+            token = source.token
+            raise Cancelled._create(token, token.reason)
+
+
+def _parent_gone() -> NoReturn:
+    """The control pipe closed: the parent exited, died, or retired this worker."""
+    with _state.lock:
+        busy = _state.busy
+    if busy and os.getpgrp() == os.getpid():
+        # Nobody waits for this job any more: take its children down with us.
+        os.killpg(os.getpid(), signal.SIGKILL)
+    _flush_stdio()
+    os._exit(0)
+
+
+# -- running jobs ------------------------------------------------------------------------
+
+
+def _run(
+    job_id: int, deadline: float, payload: bytes, source: CancelSource
+) -> tuple[int, bytes]:
+    """Run one job with `source` (made before the job arrived) as its cancel source."""
+    if signal.getsignal(INTERRUPT_SIGNAL) is not _on_interrupt:  # an earlier job replaced it
+        signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
+    if deadline != math.inf:
+        source.deadline = deadline
+    with _state.lock:
+        _state.job_id = job_id
+        _state.source = source
+        _state.busy = True
+        _state.interrupt_job = 0
+        pending, _state.pending_cancel = _state.pending_cancel, None
+    if pending is not None and pending[0] == job_id:
+        source.cancel(pending[1])  # no callbacks registered yet: cannot raise
+    reset = _current.set(source.token)
+    try:
+        return _call(payload, source.token)
+    finally:
+        _current.reset(reset)
+        with _state.lock:
+            _state.source = None
+        source.close()
+
+
+def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
+    try:
+        func, args = _loads(payload)
+    except BaseException as exc:
+        return wire.LOAD_FAILED, _load_failure(exc).encode()
+    if token.cancel_called:  # cancelled before it started: it never starts
+        return wire.CANCELLED, _reason_bytes(token)
+    state = _state
+    try:
+        try:
+            state.interruptible = True
+            if state.interrupt_job == state.job_id:
+                raise Cancelled._create(token, token.reason)
+            result = func(*args)
+        finally:
+            state.interruptible = False
+    except Cancelled as exc:
+        if token.cancel_called:
+            return wire.CANCELLED, _reason_bytes(token)
+        return _raised(func, exc)
+    except SystemExit as exc:
+        _exit_like(exc)
+    except BaseException as exc:
+        return _raised(func, exc)
+    if isinstance(result, types.CoroutineType):
+        result.close()
+        error = TypeError(
+            f"{_name(func)} returned a coroutine: run_process runs sync functions; "
+            "await async code in the caller instead"
+        )
+        return _raised(func, error)
+    try:
+        return wire.RETURNED, wire.dumps(result)
+    except Exception as exc:
+        return wire.SEND_FAILED, (
+            f"the result of {_name(func)}, a {type(result).__qualname__}, could not be "
+            f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
+            "something picklable (plain data, or a class defined at module level)"
+        ).encode()
+
+
+def _raised(func: object, exc: BaseException) -> tuple[int, bytes]:
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = wire.dumps((exc, tb_text))
+        pickle.loads(data)  # the parent must be able to load it too
+    except Exception as error:
+        return wire.SEND_FAILED, (
+            f"{_name(func)} raised {type(exc).__qualname__}: {exc}, which could not be "
+            f"pickled to send it back ({wire.describe_pickling_error(error)}); make the "
+            "exception picklable (keep its __init__ arguments in .args)\n\n"
+            f"Remote traceback:\n{tb_text}"
+        ).encode()
+    return wire.RAISED, data
+
+
+def _exit_like(exc: SystemExit) -> NoReturn:
+    """A job called sys.exit(): the worker exits with that code, as a script would."""
+    code = exc.code
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    _flush_stdio()
+    os._exit(status)
+
+
+def _reason_bytes(token: CancelToken) -> bytes:
+    return (token.reason or "").encode("utf-8", "replace")
+
+
+def _name(func: object) -> str:
+    name = getattr(func, "__qualname__", None) or repr(func)
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}()" if module else f"{name}()"
+
+
+def _load_failure(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    hint = (
+        "define the function (and the classes of its arguments) at module level in a "
+        "module the worker can import"
+    )
+    return f"the worker could not unpickle the job ({text}); {hint}"
+
+
+# -- unpickling, and functions from the parent's __main__ ---------------------------------
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            _load_parent_main()
+        return super().find_class(module, name)
+
+
+def _loads(payload: bytes) -> Any:
+    # Only payloads that mention __main__ need the slower Python-level find_class.
+    if b"__main__" in payload:
+        return _Unpickler(io.BytesIO(payload)).load()
+    return pickle.loads(payload)
+
+
+def _load_parent_main() -> None:
+    """Run the parent's main script as ``__mp_main__``, as multiprocessing's spawn does.
+
+    Done lazily: only a job that needs a function from ``__main__`` pays for it.
+    """
+    state = _state
+    if state.main_loaded:
+        return
+    import runpy
+
+    name: str | None = state.config.get("main_name")
+    path: str | None = state.config.get("main_path")
+    if not name and not path:
+        raise pickle.UnpicklingError(
+            "the function or an argument was defined in the parent's __main__, which has "
+            "no file (an interactive session or python -c); define it in a module, or "
+            "install cloudpickle (pip install cloudpickle) to send it by value"
+        )
+    state.loading_main = True
+    try:
+        if name:
+            namespace = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
+        else:
+            assert path is not None
+            namespace = runpy.run_path(path, run_name="__mp_main__")
+    finally:
+        state.loading_main = False
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(namespace)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    state.main_loaded = True
+
+
+# -- start-up ------------------------------------------------------------------------------
+
+
+def _make_package_lazy(pkg: types.ModuleType, spec: Any) -> None:
+    """Run the package's real ``__init__`` only when user code first asks it for a name.
+
+    The boot code registered `pkg` without running ``__init__`` (which may import anyio),
+    so this module and its standard-library imports load fast. A job whose module does
+    ``from bridgecancel import current_token`` then gets the full package, with the same
+    ``_token`` module and hence the same current token.
+    """
+    lock = threading.Lock()
+
+    def __getattr__(name: str) -> object:
+        if name.startswith("_"):  # submodules and dunders: let the import system look
+            raise AttributeError(name)
+        with lock:
+            if pkg.__dict__.get("__getattr__") is __getattr__:
+                del pkg.__dict__["__getattr__"]
+                spec.loader.exec_module(pkg)
+        return getattr(pkg, name)
+
+    pkg.__getattr__ = __getattr__  # type: ignore[method-assign]
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _apply_config(config: wire.Config) -> None:
+    _state.config = config
+    sys.path[:] = config["sys_path"]
+
+
+def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
+    """Serve jobs until the parent closes the job pipe (or dies)."""
+    job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
+    fds = (job_fd, ctl_fd, res_fd)
+    for fd in fds:  # children the job starts must not hold our pipes open
+        os.set_inheritable(fd, False)
+    os.register_at_fork(after_in_child=lambda: _close_all(fds))
+    if pkg is not None:
+        _make_package_lazy(pkg, spec)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {INTERRUPT_SIGNAL})
+    signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
+
+    reader = wire.MessageReader(job_fd)
+    message = reader.read_job()
+    if message is None:
+        os._exit(0)
+    _apply_config(pickle.loads(message[2]))
+    threading.Thread(
+        target=_listen, args=(ctl_fd,), name="bridgecancel worker control", daemon=True
+    ).start()
+
+    while True:
+        source = CancelSource()  # made while idle, to keep it off the job's path
+        message = reader.read_job()
+        if message is None:
+            break
+        job_id, deadline, payload = message
+        kind, body = _run(job_id, deadline, payload, source)
+        del payload
+        _flush_stdio()
+        try:
+            wire.write_all(res_fd, wire.result_message(kind, job_id, body))
+        except BrokenPipeError:
+            break
+        with _state.lock:
+            _state.busy = False
+    _flush_stdio()
+    os._exit(0)
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

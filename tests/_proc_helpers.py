@@ -1,0 +1,196 @@
+"""Functions the process tests run in worker processes (they must be importable there).
+
+Workers report progress through marker files, written whole (write, then rename), so a
+test can wait for "the job has started" without sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bridgecancel import current_token
+
+
+def mark(path: str, text: str = "") -> None:
+    """Create `path` holding `text`, atomically."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def echo(value: object) -> object:
+    return value
+
+
+def wait_for_cancel(started: str) -> str:
+    """Cooperative: wait on the token, then raise Cancelled."""
+    mark(started, str(os.getpid()))
+    current_token().wait()
+    current_token().check()
+    return "not reached"
+
+
+def wait_then_return(started: str) -> str:
+    """Cooperative but returns a value after the cancel (nothing may be lost)."""
+    mark(started, str(os.getpid()))
+    current_token().wait()
+    return f"cleaned up: {current_token().reason}"
+
+
+def wait_then_raise(started: str) -> str:
+    mark(started, str(os.getpid()))
+    current_token().wait()
+    raise ValueError("failed while cleaning up")
+
+
+def sleep_on_token(started: str, seconds: float) -> str:
+    mark(started, str(os.getpid()))
+    current_token().sleep(seconds)
+    return "slept"
+
+
+def check_loop(started: str) -> str:
+    mark(started, str(os.getpid()))
+    token = current_token()
+    while True:
+        token.check()
+        time.sleep(0.001)
+
+
+def on_cancel_callback(started: str) -> str:
+    token = current_token()
+    ran = threading.Event()
+    token.on_cancel(ran.set)  # runs in the worker thread that receives the cancel
+    mark(started, str(os.getpid()))
+    token.wait()
+    return "callback ran" if ran.wait(30) else "callback did not run"
+
+
+def ignore_token(started: str, finally_ran: str) -> None:
+    """Ignores its token; the interrupt stops it, and its finally block runs."""
+    mark(started, str(os.getpid()))
+    try:
+        while True:
+            time.sleep(0.01)
+    finally:
+        mark(finally_ran, "finally ran")
+
+
+def ignore_everything(started: str) -> None:
+    """Ignores the token and swallows interrupts; starts a child; only a kill stops it."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    mark(started, f"{os.getpid()} {child.pid}")
+    while True:
+        try:
+            while True:
+                time.sleep(0.01)
+        except BaseException:
+            pass
+
+
+def spin(started: str) -> None:
+    """Busy in pure Python, never looking at the token (for the parent-death test)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    mark(started, f"{os.getpid()} {child.pid}")
+    while True:
+        pass
+
+
+def token_deadline() -> tuple[float, float]:
+    token = current_token()
+    return token.deadline - time.monotonic(), token.remaining()
+
+
+def wait_for_deadline(started: str) -> str:
+    mark(started, str(os.getpid()))
+    token = current_token()
+    token.wait()
+    reason = token.reason
+    token.check()
+    return f"not reached ({reason})"
+
+
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def call_sys_exit(code: int) -> None:
+    sys.exit(code)
+
+
+def kill_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def raise_value_error(message: str) -> None:
+    def inner() -> None:
+        raise ValueError(message)
+
+    inner()
+
+
+def return_unpicklable() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("carries a lock")
+        import threading
+
+        self.lock = threading.Lock()
+
+
+class BadInitError(Exception):
+    """Pickles, but cannot be unpickled: __init__ needs two arguments, .args has one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(a)
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+def raise_bad_init() -> None:
+    raise BadInitError("a", "b")
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def read_file(path: str) -> str:
+    return Path(path).read_text()
+
+
+def in_worker_imports() -> list[str]:
+    return sorted(name for name in sys.modules if name.split(".")[0] in ("anyio", "trio"))
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
