@@ -4,6 +4,9 @@ from ._bridge import cancel_on as cancel_on
 from ._bridge import open_token as open_token
 from ._exceptions import BrokenWorkerError as BrokenWorkerError
 from ._exceptions import Cancelled as Cancelled
+from ._processes import RemoteTraceback as RemoteTraceback
+from ._processes import current_default_process_limiter as current_default_process_limiter
+from ._processes import run_process as run_process
 from ._stats import Statistics as Statistics
 from ._stats import WorkerStatistics as WorkerStatistics
 from ._stats import statistics as statistics
@@ -21,13 +24,16 @@ __all__ = (
     "CancelToken",
     "Cancelled",
     "Registration",
+    "RemoteTraceback",
     "Statistics",
     "WorkerStatistics",
     "any_of",
     "cancel_on",
     "check_cancelled",
+    "current_default_process_limiter",
     "current_token",
     "open_token",
+    "run_process",
     "run_sync",
     "statistics",
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import fields
@@ -63,6 +64,13 @@ def _cpu_loop(ready: anyio.Event) -> int:
         token.check()
 
 
+def _ignore_token(ready: anyio.Event) -> int:
+    anyio.from_thread.run_sync(ready.set)
+    total = 0
+    while True:  # never looks at its token: only interrupt_after stops it
+        total += 1
+
+
 async def thread_cases() -> list[Case]:
     """The thread cases: a worker waiting on its token, and a CPU loop checking it."""
     cases: list[Case] = []
@@ -77,6 +85,15 @@ async def thread_cases() -> list[Case]:
 
         seconds, _ = await _cancel_once_started(start)
         cases.append((label, _outcome(before, statistics().threads), seconds))
+
+    before = statistics().threads
+
+    async def start_stubborn(ready: anyio.Event) -> None:
+        await run_sync(_ignore_token, ready, interrupt_after=0.1)
+
+    seconds, _ = await _cancel_once_started(start_stubborn)
+    label = "thread ignoring its token, interrupt_after=0.1"
+    cases.append((label, _outcome(before, statistics().threads), seconds))
     return cases
 
 
@@ -84,8 +101,11 @@ DemoCases = Callable[[], Awaitable[list[Case]]]
 
 
 def _extra_case_groups() -> list[DemoCases]:
-    """Cases from other modules, added as they are built (processes, blocking waits)."""
-    return []
+    """Cases from the other modules: blocking waits in threads, then processes."""
+    from ._demo_blocking import demo_blocking_cases
+    from ._proc_demo import demo_process_cases
+
+    return [demo_blocking_cases, demo_process_cases]
 
 
 async def _all_cases() -> list[Case]:
@@ -96,6 +116,8 @@ async def _all_cases() -> list[Case]:
 
 
 def main() -> int:
+    # The table shows how each job ended; the WARNING records would repeat it.
+    logging.getLogger("bridgecancel").addHandler(logging.NullHandler())
     backends = ["asyncio"]
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")

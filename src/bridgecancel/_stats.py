@@ -11,6 +11,7 @@ __all__ = ("Outcome", "Statistics", "WorkerStatistics", "statistics")
 
 Outcome = Literal["completed", "cooperative", "interrupted", "killed", "abandoned"]
 Kind = Literal["threads", "processes"]
+_SINGULAR: Final = {"threads": "thread", "processes": "process"}
 
 logger: Final = logging.getLogger("bridgecancel")
 
@@ -88,5 +89,5 @@ def log_cancelled(kind: Kind, outcome: Outcome, func: object, reason: str | None
         name = getattr(func, "__qualname__", None) or repr(func)
         logger.log(
             level, "%s job %s ended %s after cancel (reason: %s)",
-            kind[:-1], name, outcome, reason,
+            _SINGULAR[kind], name, outcome, reason,
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import sys
 import threading
 import warnings
@@ -34,6 +35,7 @@ from ._bridge import (
     source_for_caller,
 )
 from ._exceptions import Cancelled
+from ._interrupt import RETRY_INTERVAL, JobGuard
 from ._stats import Outcome, counters, log_cancelled
 from ._token import CancelSource, _current
 
@@ -73,8 +75,11 @@ class _ThreadJob:
     __slots__ = (
         "abandoned",
         "args",
+        "done",
         "exception",
         "func",
+        "guard",
+        "interrupt_after",
         "lock",
         "on_done",
         "result",
@@ -83,7 +88,11 @@ class _ThreadJob:
     )
 
     def __init__(
-        self, func: Callable[..., Any], args: tuple[Any, ...], source: CancelSource
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        source: CancelSource,
+        interrupt_after: float | None = None,
     ) -> None:
         self.func = func
         self.args = args
@@ -94,6 +103,36 @@ class _ThreadJob:
         self.exception: BaseException | None = None
         self.on_done: Callable[[], object] | None = None
         self.abandoned = False
+        # Escalation, only when asked for: set up here so the hot path pays nothing.
+        self.interrupt_after = interrupt_after
+        self.guard: JobGuard | None = None
+        self.done: threading.Event | None = None
+        if interrupt_after is not None:
+            self.guard = JobGuard(source.token)
+            self.done = threading.Event()
+            source.token.on_cancel(self._start_interrupter)
+
+    def _start_interrupter(self) -> None:
+        threading.Thread(
+            target=self._interrupt_until_done, name="bridgecancel interrupter", daemon=True
+        ).start()
+
+    def _interrupt_until_done(self) -> None:
+        """After `interrupt_after` seconds, raise `Cancelled` in the job until it ends.
+
+        Runs in its own short-lived thread, started only when the token fires, so that
+        escalation works the same on every backend and costs nothing otherwise. The
+        guard never lets an interrupt reach the wrapper or a later job on this thread;
+        it is retried every RETRY_INTERVAL in case the job swallowed the first one.
+        """
+        done, guard = self.done, self.guard
+        assert done is not None
+        assert guard is not None
+        if done.wait(self.interrupt_after):
+            return
+        while not done.is_set():
+            guard.interrupt()
+            done.wait(RETRY_INTERVAL)
 
     def run(self) -> Any:
         """The worker thread's side: never start a cancelled job; record how it ended."""
@@ -108,7 +147,8 @@ class _ThreadJob:
         counters.started("threads")
         _current.set(token)
         try:
-            result = self.func(*self.args)
+            guard = self.guard
+            result = self.func(*self.args) if guard is None else guard.run(self.func, *self.args)
             if inspect.iscoroutine(result):
                 result.close()
                 raise TypeError(
@@ -129,11 +169,15 @@ class _ThreadJob:
             self.result = result
             self.exception = exception
             on_done = self.on_done
+        if self.done is not None:
+            self.done.set()
         if started:
             token = self.source._token
             outcome: Outcome
             if not token._fired:
                 outcome = "completed"
+            elif self.guard is not None and self.guard.interrupted:
+                outcome = "interrupted"
             elif self.abandoned:
                 outcome = "abandoned"
             else:
@@ -149,6 +193,8 @@ class _ThreadJob:
         with self.lock:
             if self.state == _QUEUED:
                 self.state = _DROPPED
+                if self.done is not None:
+                    self.done.set()
                 return True
             return False
 
@@ -177,6 +223,7 @@ async def run_sync(
     abandon_on_cancel: bool = False,
     cancellable: bool | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    interrupt_after: float | None = None,
 ) -> T:
     """Call ``func(*args)`` in a worker thread; its token fires if the caller is cancelled.
 
@@ -200,11 +247,20 @@ async def run_sync(
         cancellable: deprecated alias of `abandon_on_cancel`, as in anyio.
         limiter: the capacity limiter bounding concurrent threads; anyio's default
             thread limiter if omitted.
+        interrupt_after: if the worker has not finished this many seconds after its
+            token fired, raise `Cancelled` inside it at its next Python bytecode (so
+            ``finally`` blocks run), retried every 10 ms if swallowed; never delivered
+            after the job ended nor into a later job on the same thread. C calls are not
+            interrupted: use `bridgecancel.blocking` or `CancelToken.on_cancel` there.
+            Off (None) by default.
 
     Raises:
         TypeError: if `func` is not callable, or is (or returns) a coroutine.
+        ValueError: if `interrupt_after` is negative or NaN.
     """
     _check_func(func)
+    if interrupt_after is not None:
+        interrupt_after = _check_interrupt_after(interrupt_after)
     if cancellable is not None:
         abandon_on_cancel = cancellable
         warnings.warn(
@@ -213,7 +269,7 @@ async def run_sync(
             DeprecationWarning,
             stacklevel=2,
         )
-    job = _ThreadJob(func, args, source_for_caller())
+    job = _ThreadJob(func, args, source_for_caller(), interrupt_after)
     try:
         result: T
         if abandon_on_cancel:
@@ -224,7 +280,19 @@ async def run_sync(
             result = await _run_on_asyncio(job, limiter)
         return result
     finally:
+        job.drop_if_queued()  # a job the caller left before it started never runs
         job.source.close()
+
+
+def _check_interrupt_after(seconds: object) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"interrupt_after must be a number of seconds or None, got {seconds!r}")
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(
+            f"interrupt_after must be a non-negative number of seconds, got {seconds}; "
+            "pass None to never interrupt"
+        )
+    return float(seconds)
 
 
 async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
