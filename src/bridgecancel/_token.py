@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import os
 import sys
 import threading
@@ -17,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import SimpleNamespace, TracebackType
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 from ._exceptions import Cancelled
 
@@ -189,10 +190,19 @@ class CancelToken:
 
     # -- reading ----------------------------------------------------------------------
 
-    @property
-    def cancel_called(self) -> bool:
-        """True once cancelled or once the deadline has passed; never goes back."""
-        return self._fired
+    # Workers read this in hot loops: a property whose getter is C code (attrgetter)
+    # costs what threading.Event.is_set() does, a Python getter about 40% more.
+    if TYPE_CHECKING:
+
+        @property
+        def cancel_called(self) -> bool:
+            """True once cancelled or once the deadline has passed; never goes back."""
+
+    else:
+        cancel_called = property(
+            operator.attrgetter("_fired"),
+            doc="True once cancelled or once the deadline has passed; never goes back.",
+        )
 
     @property
     def reason(self) -> str | None:
