@@ -65,6 +65,13 @@ class _Unlimited:
     async def __aexit__(self, *exc_info: object) -> None:
         return None
 
+    # trio.to_thread.run_sync takes any "CapacityLimiter-like" object with these two.
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        return None
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        return None
+
 
 _UNLIMITED: Final[Any] = _Unlimited()
 
@@ -419,12 +426,17 @@ async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -
     watcher = _TrioWatcher(job)
     failure: BaseException | None = None
     try:
-        # The nursery only hosts the watcher. The job's exception is raised once it has
-        # closed, so that it reaches the caller as itself, not wrapped in a group.
-        async with trio.open_nursery() as nursery:
+        # The limiter is held here, before the watcher exists, so that queued jobs
+        # cost one limiter wait each and leave at once when cancelled. The nursery only
+        # hosts the watcher; the job's exception is raised once it has closed, so that
+        # it reaches the caller as itself, not wrapped in a group.
+        async with (
+            limiter or anyio.to_thread.current_default_thread_limiter(),
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(watcher.watch)
             try:
-                result = await anyio.to_thread.run_sync(job.run, limiter=limiter)
+                result = await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
             except BaseException as exc:
                 failure = exc
             watcher.stop()
