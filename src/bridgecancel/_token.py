@@ -386,6 +386,10 @@ class CancelToken:
             _timer.discard(entry)
 
     def _drop_callbacks(self) -> None:
+        if not self._callbacks and self._timer_entry is None:
+            # Nothing to drop (the common case when a run_sync call ends). A callback or
+            # deadline being added right now races with close() either way.
+            return
         empty: dict[Registration, None] = {}  # allocated outside the lock
         with self._lock:
             callbacks = self._callbacks
@@ -417,7 +421,9 @@ class CancelSource:
     def __init__(self, *, deadline: float = math.inf) -> None:
         self._token = CancelToken(math.inf)
         self._parents: list[Registration] = []
-        self._token._set_deadline(deadline)
+        if deadline is not math.inf:
+            # Every run_sync call makes a source: the default (no deadline) skips this.
+            self._token._set_deadline(deadline)
 
     def __repr__(self) -> str:
         return f"<CancelSource of {self._token!r}>"
