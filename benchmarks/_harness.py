@@ -15,6 +15,7 @@ Standard library only, so that ``run.py`` can use it before anything else is imp
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -23,7 +24,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,21 @@ def print_results(results: dict[str, Any]) -> None:
         for name, met, detail in lines:
             suffix = f"  ({detail})" if detail else ""
             print(f"  {'met    ' if met else 'NOT met'}  {name}{suffix}")
+
+
+def standalone_main(
+    area: str,
+    doc: str | None,
+    run: Callable[[bool], dict[str, Any]],
+    argv: list[str] | None = None,
+) -> int:
+    """The command line of a ``bench_<area>.py`` run on its own: run, print, write JSON."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (under a minute)")
+    args = parser.parse_args(argv)
+    machine = machine_info()
+    results = run(args.quick)
+    results["machine"] = {**machine, "loadavg_after": machine_info().get("loadavg_1_5_15")}
+    print_results(results)
+    print(f"\nwritten to {write_results(area, results)}")
+    return 0

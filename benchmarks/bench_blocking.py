@@ -22,7 +22,6 @@ written to ``benchmarks/results/blocking.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import random
@@ -396,15 +395,7 @@ def report(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples (under a minute)")
-    args = parser.parse_args(argv)
-    machine = h.machine_info()
-    results = run(args.quick)
-    results["machine"] = {**machine, "loadavg_after": h.machine_info().get("loadavg_1_5_15")}
-    report(results)
-    print(f"\nwritten to {h.write_results(AREA, results)}")
-    return 0
+    return h.standalone_main(AREA, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -142,31 +142,20 @@ def cancel_on(token: CancelToken) -> Iterator[anyio.CancelScope]:
 def _threadsafe_caller() -> Callable[[Callable[[], object]], None]:
     """A function that runs a callback in this event loop's thread, from any thread."""
     loop_thread = threading.get_ident()
+    post: Callable[[Callable[[], object]], object]
     if on_trio():
-        trio_token: trio.lowlevel.TrioToken = sys.modules[
-            "trio"
-        ].lowlevel.current_trio_token()
+        trio_token: trio.lowlevel.TrioToken = sys.modules["trio"].lowlevel.current_trio_token()
+        post = trio_token.run_sync_soon
+    else:
+        post = asyncio.get_running_loop().call_soon_threadsafe
 
-        def call_in_trio(fn: Callable[[], object]) -> None:
-            if threading.get_ident() == loop_thread:
-                fn()
-                return
-            try:
-                trio_token.run_sync_soon(fn)
-            except RuntimeError:  # the run has finished: nothing left to cancel
-                pass
-
-        return call_in_trio
-
-    loop = asyncio.get_running_loop()
-
-    def call_in_asyncio(fn: Callable[[], object]) -> None:
+    def call_in_loop(fn: Callable[[], object]) -> None:
         if threading.get_ident() == loop_thread:
             fn()
             return
         try:
-            loop.call_soon_threadsafe(fn)
-        except RuntimeError:  # the loop is closed: nothing left to cancel
+            post(fn)
+        except RuntimeError:  # the run has finished, the loop closed: nothing to cancel
             pass
 
-    return call_in_asyncio
+    return call_in_loop
