@@ -57,6 +57,8 @@ def redeliver_asyncio_cancel(exc: BaseException) -> None:
     -inf); a plain ``Task.cancel()`` fires once, so it is requested again here,
     keeping the task's cancel count as it was so ``asyncio.timeout`` still works.
     """
+    if not isinstance(exc, asyncio.CancelledError):
+        return  # trio's Cancelled is delivered again at every checkpoint
     if anyio.current_effective_deadline() == -math.inf:
         return
     task = asyncio.current_task()

@@ -18,14 +18,13 @@ plain asyncio and plain trio code.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import sys
 from collections.abc import Callable
 from typing import Final, Protocol, TypeVar
 
 import anyio
 
+from ._bridge import redeliver_asyncio_cancel
 from ._stats import Outcome
 from ._token import DEADLINE_REASON
 
@@ -104,7 +103,7 @@ async def supervise(
     try:
         return job.result()  # nothing is lost: the value or error still comes back
     finally:
-        _redeliver(cancelled)
+        redeliver_asyncio_cancel(cancelled)
 
 
 async def _escalate(
@@ -141,21 +140,3 @@ async def _wait_shielded(job: Job[object], timeout: float | None) -> bool:
             if anyio.current_time() >= end:
                 return False
     raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see the loop
-
-
-def _redeliver(cancelled: BaseException) -> None:
-    """Re-request a cancellation that was caught to hand over a result.
-
-    trio and anyio cancel scopes deliver again at the next checkpoint by themselves;
-    plain asyncio's ``Task.cancel()`` fires once, so it is requested again.
-    """
-    if not isinstance(cancelled, asyncio.CancelledError):
-        return
-    if anyio.current_effective_deadline() == -math.inf:
-        return  # inside a cancelled anyio scope, which delivers again
-    task = asyncio.current_task()
-    if task is None:
-        return
-    if sys.version_info >= (3, 11):
-        task.uncancel()
-    task.cancel()
