@@ -75,19 +75,6 @@ _FOLLOWER: Final = 3  # a child or `any_of` source: fires in the same way as thi
 
 # Writes to a token's private slots (users cannot assign to a token's attributes).
 _set = object.__setattr__
-# Held only to create a token's pipe or change its deadline: never by code that fires a
-# token, so a signal handler that cancels can never wait for it.
-_setup_lock = threading.Lock()
-
-
-def _after_fork() -> None:
-    global _setup_lock  # another thread may have held it at the fork
-    _setup_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_after_fork)
-
 Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
 
 
@@ -145,7 +132,7 @@ class _TokenFields:
     # fires a token may be a signal handler that interrupted this token's own code.
     __slots__ = (
         "_callbacks",
-        "_claim",
+        "_once",
         "_deadline",
         "_fds",
         "_fires_at",
@@ -159,8 +146,9 @@ class _TokenFields:
 
     # Registration -> _USER, _INLINE or _FOLLOWER, insertion-ordered.
     _callbacks: dict[Registration, int]
-    # The first firer's (reason,) under key None: dict.setdefault is atomic.
-    _claim: dict[None, tuple[str | None]]
+    # What only the first of racing threads may set, by atomic dict.setdefault: the
+    # first firer's (reason,) under "reason", the pipe under "fds".
+    _once: dict[str, Any]
     _deadline: float  # what the token reports
     _fds: tuple[int, int] | None
     _fires_at: float  # when it fires by itself
@@ -176,7 +164,7 @@ def _new_token(deadline: float, never: bool = False) -> CancelToken:
     fields._reason = None
     fields._deadline = fields._fires_at = deadline
     fields._callbacks = {}
-    fields._claim = {}
+    fields._once = {}
     gate = fields._gate = _allocate_lock()
     gate.acquire()
     fields._fds = None
@@ -300,18 +288,15 @@ class CancelToken(_TokenFields):
         if fds is None:
             new = os.pipe()
             os.set_blocking(new[1], False)
-            with _setup_lock:
-                fds = self._fds
-                if fds is None:
-                    fds = new
-                    _set(self, "_fds", fds)
-            if fds is new:
-                weakref.finalize(self, _close_fds, fds)
-                # After publishing: a firer either saw the pipe or set the flag first.
-                if self.cancel_called:
-                    _poke(fds)
-            else:
+            fds = self._once.setdefault("fds", new)
+            if fds is not new:  # another thread made one first
                 _close_fds(new)
+                return int(fds[0])
+            weakref.finalize(self, _close_fds, fds)
+            _set(self, "_fds", fds)
+            # After publishing: a firer either saw the pipe or set the flag first.
+            if self.cancel_called:
+                _poke(fds)
         return fds[0]
 
     # -- callbacks and children -------------------------------------------------------
@@ -380,7 +365,7 @@ class CancelToken(_TokenFields):
         if self.cancel_called:
             return []
         mine = (reason,)
-        first = self._claim.setdefault(None, mine)
+        first = self._once.setdefault("reason", mine)
         # Every caller stores the same first reason before the flag, so once any
         # cancel() returns the token reads as cancelled, with its first reason.
         _set(self, "_reason", first[0])
@@ -424,19 +409,20 @@ class CancelToken(_TokenFields):
 
     def _set_deadline(self, deadline: float) -> None:
         deadline = _check_deadline(deadline)
-        with _setup_lock:
-            _set(self, "_deadline", deadline)
-            _set(self, "_fires_at", deadline)
-            old = self._timer_entry
-            if old is not None:
-                _timer.discard(old)
-                _set(self, "_timer_entry", None)
-            if self.cancel_called or deadline == math.inf:
-                return
-            passed = deadline <= time.monotonic()
-            if not passed:
-                _set(self, "_timer_entry", _timer.schedule(self, deadline))
-        if passed:
+        _set(self, "_deadline", deadline)
+        _set(self, "_fires_at", deadline)
+        pending = not self.cancel_called and deadline != math.inf
+        passed = pending and deadline <= time.monotonic()
+        # Published before the timer can see it: the timer fires an entry only while
+        # it is the token's current one (so racing setters leave inert entries).
+        entry = Entry(self, deadline) if pending and not passed else None
+        old = self._timer_entry
+        _set(self, "_timer_entry", entry)
+        if old is not None:
+            _timer.discard(old)
+        if entry is not None:
+            _timer.add(entry)
+        elif passed:
             for exc in self._fire(DEADLINE_REASON, None):
                 report_unraisable(exc, "Exception in on_cancel callback", self)
 

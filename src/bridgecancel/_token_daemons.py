@@ -136,15 +136,14 @@ class DeadlineTimer(_OnDemandThread):
         if self._heap or self._incoming:
             self._start_if_idle()
 
-    def schedule(self, token: CancelToken, deadline: float) -> Entry:
-        entry = Entry(token, deadline)
+    def add(self, entry: Entry) -> None:
+        """Fire the entry's token at its deadline, unless it is discarded first."""
         incoming = self._incoming
         incoming.append(entry)
         if not self._start_if_idle() and (
-            deadline < self._next or len(incoming) % _BATCH == 0
+            entry.deadline < self._next or len(incoming) % _BATCH == 0
         ):
             self._wake.put(None)
-        return entry
 
     def discard(self, entry: Entry) -> None:
         """The entry's token fired, was closed or collected: forget its deadline."""

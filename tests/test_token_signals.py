@@ -1,0 +1,103 @@
+"""Tokens cancelled from signal handlers, at any instant: no deadlock, no runaway nesting.
+
+A repeating interval timer (``setitimer``) sends SIGALRM every 50 µs to a process whose
+main thread runs an event loop (asyncio or trio) and uses tokens in every way, while
+the handler cancels the very source the main thread is using. Each storm runs in a
+subprocess with a timeout, so a hang fails the test rather than the run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SIGNALS = 20_000
+STORM_PATIENCE = 50.0  # seconds; a storm takes a few
+
+_STORM = """
+import signal, sys, threading, time
+import anyio
+import bridgecancel
+from bridgecancel import Cancelled, CancelSource, any_of
+
+backend, wanted = sys.argv[1], int(sys.argv[2])
+current = [CancelSource()]
+handled = 0
+depth = 0
+max_depth = 0
+
+def on_alarm(signum, frame):
+    global handled, depth, max_depth
+    depth += 1
+    max_depth = max(max_depth, depth)
+    handled += 1
+    current[0].cancel("signal")  # whatever the main thread is doing with it
+    depth -= 1
+
+def noop():
+    pass
+
+def token_work(source):
+    token = source.token
+    token.fileno()
+    token.wait(0.00002)
+    registration = token.on_cancel(noop)
+    registration.unregister()
+    with token.child(deadline=time.monotonic() + 0.0001) as child:
+        child.token.wait(0.0002)
+    source.deadline = time.monotonic() + 10
+    any_of(token).close()
+    try:
+        token.sleep(0.00001)
+    except Cancelled:
+        pass
+    source.close()
+
+def worker(token):
+    token.wait(0.002)
+
+async def main():
+    cancelled = 0
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 50e-6, 50e-6)
+    end = time.monotonic() + 40
+    try:
+        while handled < wanted and time.monotonic() < end:
+            for _ in range(20):
+                source = CancelSource()
+                current[0] = source
+                token_work(source)
+                cancelled += source.cancel_called
+            source = CancelSource()
+            current[0] = source
+            with bridgecancel.cancel_on(source.token):  # how docs say to cancel async work
+                await bridgecancel.run_sync(worker, source.token)
+                await anyio.sleep(0)
+            source.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    print(handled, max_depth, cancelled, flush=True)
+
+anyio.run(main, backend=backend)
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_signal_storm_cancelling_tokens_in_use_never_hangs(backend: str) -> None:
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _STORM, backend, str(SIGNALS)],
+            capture_output=True,
+            text=True,
+            timeout=STORM_PATIENCE,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung: a signal handler deadlocked on a token")
+    assert result.returncode == 0, result.stderr[-2000:]
+    handled, max_depth, cancelled = (int(n) for n in result.stdout.split())
+    assert handled >= SIGNALS
+    assert cancelled > 0  # the handler did hit sources in use
+    assert max_depth < 20  # handlers return at once, so they rarely nest at all
