@@ -492,6 +492,11 @@ class CancelSource:
     def deadline(self, value: float) -> None:
         self._token._set_deadline(value)
 
+    def _inform(self, deadline: float) -> None:
+        """Report `deadline` on the token without ever firing at it (see
+        `informative_source`)."""
+        _set(self._token, "_deadline", _check_deadline(deadline))
+
     def cancel_after(self, seconds: float) -> None:
         """Set the deadline `seconds` from now."""
         seconds = _check_seconds(seconds)
@@ -572,7 +577,7 @@ def informative_source(deadline: float) -> CancelSource:
     own `d` only.
     """
     source = CancelSource()
-    _set(source._token, "_deadline", _check_deadline(deadline))
+    source._inform(deadline)
     return source
 
 

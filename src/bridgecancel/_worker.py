@@ -13,6 +13,10 @@ Three threads of control matter here:
   signals the main thread, whose handler raises `Cancelled` in the job's Python code;
   end of file means the parent is gone, and the worker exits even if a job spins;
 - signal handlers, which Python runs in the main thread.
+
+Every way out of the process is ``os._exit``: the normal interpreter shutdown never runs
+here, since it could wait on a lock a stopped daemon thread holds, or on the job's
+atexit handlers, while the parent waits for the call.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from . import _proc_wire as wire
 from ._exceptions import Cancelled
 from ._token import CancelSource, CancelToken, _current, _report_unraisable
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
+
+FAILED_EXIT: Final = 70
+"""The worker's exit status when bridgecancel's own code in it failed (EX_SOFTWARE)."""
 
 
 class _State:
@@ -64,15 +71,19 @@ def loading_parent_main() -> bool:
 
 
 def _listen(ctl_fd: int) -> None:
-    while True:
-        record = _read_control(ctl_fd)
-        if record is None:
-            _parent_gone()
-        kind, job_id, reason = record
-        if kind == wire.CANCEL:
-            _cancel(job_id, reason)
-        elif kind == wire.INTERRUPT:
-            _interrupt(job_id)
+    try:
+        while True:
+            record = _read_control(ctl_fd)
+            if record is None:
+                _parent_gone()
+            kind, job_id, reason = record
+            if kind == wire.CANCEL:
+                _cancel(job_id, reason)
+            elif kind == wire.INTERRUPT:
+                _interrupt(job_id)
+    except BaseException as exc:
+        # Without this thread nobody would notice the parent dying: never outlive it.
+        _fail("the control listener", exc)
 
 
 def _read_control(ctl_fd: int) -> tuple[int, int, str | None] | None:
@@ -123,6 +134,25 @@ def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
             raise Cancelled._create(token, token.reason)
 
 
+def _fail(where: str, exc: BaseException) -> NoReturn:
+    """bridgecancel's code in this worker failed: say so on stderr and exit at once.
+
+    The parent sees the result pipe close and raises `BrokenWorkerError` for the call
+    (and kills what the job left in the worker's process group).
+    """
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print(
+            f"bridgecancel worker process {os.getpid()}: {where} failed, so the worker "
+            f"exits (the call gets BrokenWorkerError):\n{text}",
+            file=sys.stderr,
+        )
+    except BaseException:  # no usable stderr, or the error cannot even be printed
+        pass
+    _flush_stdio()
+    os._exit(FAILED_EXIT)
+
+
 def _parent_gone() -> NoReturn:
     """The control pipe closed: the parent exited, died, or retired this worker."""
     with _state.lock:
@@ -144,7 +174,8 @@ def _run(
     if signal.getsignal(INTERRUPT_SIGNAL) is not _on_interrupt:  # an earlier job replaced it
         signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
     if deadline != math.inf:
-        source.deadline = deadline
+        # The caller's deadline, to read; the caller's scope is what cancels the job.
+        source._inform(deadline)
     with _state.lock:
         _state.job_id = job_id
         _state.source = source
@@ -205,18 +236,36 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
 
 
 def _raised(func: object, exc: BaseException) -> tuple[int, bytes]:
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """The result message for a job that raised `exc`. Never raises.
+
+    Whatever the exception does when pickled or printed (even a ``__str__`` that raises,
+    or a ``__reduce__`` that raises ``KeyboardInterrupt``), the worker stays up and the
+    call gets a clear error.
+    """
+    try:
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as error:
+        tb_text = f"(the traceback could not be formatted: {_describe(error)})"
     try:
         data = wire.dumps((exc, tb_text))
         pickle.loads(data)  # the parent must be able to load it too
-    except Exception as error:
+    except BaseException as error:
         return wire.SEND_FAILED, (
-            f"{_name(func)} raised {type(exc).__qualname__}: {exc}, which could not be "
-            f"pickled to send it back ({wire.describe_pickling_error(error)}); make the "
-            "exception picklable (keep its __init__ arguments in .args)\n\n"
+            f"{_name(func)} raised {_describe(exc)}, which could not be pickled to send "
+            f"it back ({_describe(error)}); make the exception picklable (keep its "
+            "__init__ arguments in .args)\n\n"
             f"Remote traceback:\n{tb_text}"
-        ).encode()
+        ).encode("utf-8", "replace")
     return wire.RAISED, data
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` for an error, even one whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except BaseException as error:
+        text = f"<str() failed with {type(error).__qualname__}>"
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
 def _exit_like(exc: SystemExit) -> NoReturn:
@@ -342,7 +391,16 @@ def _apply_config(config: wire.Config) -> None:
 
 
 def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
-    """Serve jobs until the parent closes the job pipe (or dies)."""
+    """Serve jobs until the parent closes the job pipe (or dies); then exit at once."""
+    try:
+        _serve(pkg, spec)
+    except BaseException as exc:
+        _fail("serving jobs", exc)
+    _flush_stdio()
+    os._exit(0)
+
+
+def _serve(pkg: types.ModuleType | None, spec: Any) -> None:
     job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
     fds = (job_fd, ctl_fd, res_fd)
     for fd in fds:  # children the job starts must not hold our pipes open
@@ -356,7 +414,7 @@ def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
     reader = wire.MessageReader(job_fd)
     message = reader.read_job()
     if message is None:
-        os._exit(0)
+        return
     _apply_config(pickle.loads(message[2]))
     threading.Thread(
         target=_listen, args=(ctl_fd,), name="bridgecancel worker control", daemon=True
@@ -366,7 +424,7 @@ def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
         source = CancelSource()  # made while idle, to keep it off the job's path
         message = reader.read_job()
         if message is None:
-            break
+            return
         job_id, deadline, payload = message
         kind, body = _run(job_id, deadline, payload, source)
         del payload
@@ -374,11 +432,9 @@ def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
         try:
             wire.write_all(res_fd, wire.result_message(kind, job_id, body))
         except BrokenPipeError:
-            break
+            return
         with _state.lock:
             _state.busy = False
-    _flush_stdio()
-    os._exit(0)
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
