@@ -48,6 +48,7 @@ class _State:
         self.interrupt_job = 0
         self.main_ident = threading.get_ident()
         self.config: wire.Config = {}
+        self.res_fd = -1  # the results pipe, for the STARTED message
         self.main_loaded = False
         self.loading_main = False  # guards run_process against an unguarded __main__
 
@@ -171,6 +172,10 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     if token.cancel_called:  # cancelled before it started: it never starts
         return wire.CANCELLED, _reason_bytes(token)
     state = _state
+    try:
+        wire.write_all(state.res_fd, wire.result_message(wire.STARTED, state.job_id, b""))
+    except OSError:
+        pass  # the parent is gone: the listener ends this process
     try:
         try:
             state.interruptible = True
@@ -345,6 +350,7 @@ def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
     """Serve jobs until the parent closes the job pipe (or dies)."""
     job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
     fds = (job_fd, ctl_fd, res_fd)
+    _state.res_fd = res_fd
     for fd in fds:  # children the job starts must not hold our pipes open
         os.set_inheritable(fd, False)
     os.register_at_fork(after_in_child=lambda: _close_all(fds))
