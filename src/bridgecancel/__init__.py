@@ -39,7 +39,6 @@ __all__ = (
     "RemoteTraceback",
     "Statistics",
     "WorkerStatistics",
-    "__version__",
     "any_of",
     "cancel_on",
     "check_cancelled",

@@ -205,6 +205,9 @@ class _ProcessJob:
 
     @property
     def reason(self) -> str | None:
+        message = self.message
+        if self._reason is None and message is not None and message[0] == wire.CANCELLED:
+            return message[1].decode("utf-8", "replace") or None  # its token fired there
         return self._reason
 
     async def wait(self, *, until_started: bool = False) -> None:
@@ -248,7 +251,7 @@ class _ProcessJob:
             return "never_started"
         if self.interrupted:
             return "interrupted"
-        if self._reason is not None:
+        if self._reason is not None or self.stopped_by_cancel:
             return "cooperative"
         return "completed"
 
