@@ -81,7 +81,7 @@ def test_star_import_gives_every_public_name() -> None:
 
 def test_unknown_attribute_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        bridgecancel.nope  # type: ignore[attr-defined]  # noqa: B018
+        bridgecancel.nope  # noqa: B018
     assert "run_sync" in dir(bridgecancel)
 
 

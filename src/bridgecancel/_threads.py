@@ -20,6 +20,7 @@ wait does not say:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import sys
@@ -399,75 +400,76 @@ async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> An
 # -- trio ---------------------------------------------------------------------------
 
 
-class _TrioWatcher:
-    """A task that sleeps in the caller's cancel scopes and fires the token on cancel.
+class _TrioCall:
+    """One thread call on trio, hosted by a system task while the caller waits.
 
-    trio calls its abort hook when the caller's scope is cancelled; the hook only wakes
-    it, so that the token fires once trio has told the thread call too (the worker's
-    ``from_thread.check_cancelled()`` then agrees with its token). With
-    ``interrupt_after``, it then escalates, shielded, until the job ends.
+    The caller blocks in ``trio.lowlevel.wait_task_rescheduled``; trio calls its abort
+    hook the moment the caller's scope is cancelled. The hook cancels the host's scope
+    (so ``from_thread.run`` and ``from_thread.check_cancelled()`` in the worker see the
+    cancellation, as they would in the caller's scopes), fires the token, starts the
+    escalation if asked for, and declines the abort: the caller waits on until the job
+    has ended, so that a result returned after the cancel is kept. This costs one task
+    and no nursery per call.
     """
 
-    __slots__ = ("cancelled", "job", "stopped", "task")
+    __slots__ = ("caller", "failure", "job", "scope")
 
-    def __init__(self, job: _ThreadJob) -> None:
+    def __init__(self, job: _ThreadJob, scope: Any) -> None:
         self.job = job
-        self.task: Any = None
-        self.stopped = False
-        self.cancelled = False
+        self.scope = scope
+        self.caller: Any = None
+        self.failure: BaseException | None = None
 
-    async def watch(self) -> None:
-        if self.stopped:
-            return
+    async def run(self) -> Any:
         lowlevel = sys.modules["trio"].lowlevel
-        task = self.task = lowlevel.current_task()
+        self.caller = lowlevel.current_task()
+        lowlevel.spawn_system_task(self._host, context=contextvars.copy_context())
+        await lowlevel.wait_task_rescheduled(self._abort)
+        failure, self.failure = self.failure, None
+        if self.job.state == _DROPPED:  # cancelled before it reached a thread
+            await anyio.sleep_forever()  # the caller's own cancellation, at once
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                del failure  # no cycle through this frame's traceback
+        return await supervise.deliver(self.job)
 
-        def abort(raise_cancel: object) -> Any:
-            self.cancelled = True
-            lowlevel.reschedule(task)
-            # FAILED: the result is not trio's Cancelled but a wake-up; the caller's
-            # thread call goes on, so that a result returned after the cancel is kept.
-            return lowlevel.Abort.FAILED
+    def _abort(self, raise_cancel: object) -> Any:
+        lowlevel = sys.modules["trio"].lowlevel
+        job = self.job
+        self.scope.cancel()  # trio tells the worker's thread call at once, synchronously
+        job.fire(supervise.cancel_reason(job))
+        if job.interrupt_after is not None:
+            lowlevel.spawn_system_task(_escalate_shielded, job)
+        return lowlevel.Abort.FAILED
 
-        await lowlevel.wait_task_rescheduled(abort)
-        if self.cancelled:
-            job = self.job
-            job.fire(supervise.cancel_reason(job))
-            if job.interrupt_after is not None:
-                with anyio.CancelScope(shield=True):
-                    await supervise.escalate(job)
+    async def _host(self) -> None:
+        job = self.job
+        try:
+            with self.scope:
+                await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
+        except BaseException as exc:  # a system task must not raise: hand it over
+            if job.exception is not exc:  # anyio's own error (or its form of the job's)
+                self.failure = exc
+                if job.state == _DONE:
+                    supervise.record(job)
+        finally:
+            if job.drop_if_queued():  # the scope was cancelled before it reached a thread
+                counters.finished("threads", "never_started", was_running=False)
+            sys.modules["trio"].lowlevel.reschedule(self.caller)
 
-    def stop(self) -> None:
-        self.stopped = True
-        if self.task is not None and not self.cancelled:
-            sys.modules["trio"].lowlevel.reschedule(self.task)
-            self.task = None
+
+async def _escalate_shielded(job: _ThreadJob) -> None:
+    with anyio.CancelScope(shield=True):
+        await supervise.escalate(job)
 
 
 async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
-    trio = sys.modules["trio"]
+    if job.source._token._fired:  # the caller is cancelled already: it never starts
+        await anyio.sleep_forever()
     await _acquire(job, limiter)
-    watcher = _TrioWatcher(job)
-    failure: BaseException | None = None
     try:
-        # The nursery only hosts the watcher; an error that is not the job's is raised
-        # once it has closed, so that it reaches the caller as itself, not in a group.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watcher.watch)
-            try:
-                await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
-            except BaseException as exc:
-                if job.exception is not exc:  # anyio's own error (or its form of the job's)
-                    failure = exc
-                    if job.drop_if_queued():  # it never reached a thread
-                        counters.finished("threads", "never_started", was_running=False)
-            finally:
-                watcher.stop()
-        if failure is not None:
-            if job.state == _DONE:
-                supervise.record(job)
-            raise failure
-        return await supervise.deliver(job)
+        return await _TrioCall(job, sys.modules["trio"].CancelScope()).run()
     finally:
-        del failure  # no cycle through this frame's traceback
         limiter.release_on_behalf_of(job)
