@@ -144,7 +144,7 @@ class _ThreadJob:
         self.in_worker = True
         counters.started("threads")
         token = self.source._token
-        if token._fired:  # cancelled before it began: it never does
+        if token.cancel_called:  # cancelled before it began: it never does
             self._end(None, Cancelled._create(token, token._reason))
             raise Cancelled._create(token, token._reason)
         self.began = True
@@ -204,7 +204,7 @@ class _ThreadJob:
     @property
     def reason(self) -> str | None:
         token = self.source._token
-        return token._reason if token._fired else None
+        return token._reason if token.cancel_called else None
 
     def fire(self, reason: str) -> None:
         self.source._cancel_detached(reason)
@@ -244,7 +244,7 @@ class _ThreadJob:
             return "never_started"
         if self.guard is not None and self.guard.interrupted:
             return "interrupted"
-        if self.source._token._fired:
+        if self.source._token.cancel_called:
             return "cooperative"
         return "completed"
 
@@ -466,7 +466,7 @@ async def _escalate_shielded(job: _ThreadJob) -> None:
 
 
 async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
-    if job.source._token._fired:  # the caller is cancelled already: it never starts
+    if job.source._token.cancel_called:  # the caller is cancelled already: it never starts
         await anyio.sleep_forever()
     await _acquire(job, limiter)
     try:
