@@ -53,7 +53,17 @@ def check_call(
     return interrupt_after, kill_after
 
 
+# Code flags of `async def` functions and async generators.
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
 def _check_func(api: str, func: object) -> None:
+    if (
+        type(func) is types.FunctionType
+        and not func.__code__.co_flags & _ASYNC_FLAGS
+        and "_is_coroutine_marker" not in func.__dict__  # inspect.markcoroutinefunction
+    ):
+        return  # a plain def: the common case, checked without inspect
     if not callable(func):
         raise TypeError(f"{api}() needs a callable (a sync function) to run, got {func!r}")
     if isinstance(func, (type, types.BuiltinFunctionType, types.MethodWrapperType)):

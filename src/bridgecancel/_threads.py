@@ -323,12 +323,13 @@ async def run_sync(
             DeprecationWarning,
             stacklevel=2,
         )
-    job = _ThreadJob(func, args, source_for_caller(), interrupt_after)
+    trio_task = on_trio()
+    job = _ThreadJob(func, args, source_for_caller(trio_task), interrupt_after)
     try:
         result: T
         if abandon_on_cancel:
             result = await _run_abandoning(job, limiter)
-        elif on_trio():
+        elif trio_task:
             result = await _run_on_trio(job, limiter or _default_limiter())
         else:
             result = await _run_on_asyncio(job, limiter or _default_limiter())
