@@ -12,6 +12,7 @@ import contextvars
 import functools
 import math
 import operator
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,11 @@ WAIT = 10.0  # upper bound for any wait that should end much sooner
 PROMPT = 2.0  # generous bound for "at once"
 
 _cvar: contextvars.ContextVar[str] = contextvars.ContextVar("test_threads_cvar")
+
+# asyncio.timeout(), asyncio.TaskGroup and Task.cancelling() are new in Python 3.11.
+needs_311 = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="uses asyncio API that is new in Python 3.11"
+)
 
 
 def _signal(event: anyio.Event) -> None:
@@ -637,6 +643,7 @@ def _asyncio_started(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> N
     loop.call_soon_threadsafe(event.set)
 
 
+@needs_311
 def test_asyncio_timeout_cancels_the_worker() -> None:
     tokens: list[CancelToken] = []
 
@@ -656,6 +663,7 @@ def test_asyncio_timeout_cancels_the_worker() -> None:
     assert tokens[0].reason == CALLER_CANCELLED
 
 
+@needs_311
 def test_asyncio_timeout_keeps_a_late_result_and_still_times_out() -> None:
     reached: list[str] = []
 
@@ -711,7 +719,8 @@ def test_asyncio_task_cancel_delivers_result_then_cancels_again() -> None:
 
         async def body() -> None:
             reached.append(await run_sync(job))
-            reached.append(f"cancelling={asyncio.current_task().cancelling()}")  # type: ignore[union-attr]
+            if sys.version_info >= (3, 11):  # one request, kept pending: not counted twice
+                reached.append(f"cancelling={asyncio.current_task().cancelling()}")  # type: ignore[union-attr]
             await asyncio.sleep(0)
             reached.append("past the checkpoint")  # pragma: no cover
 
@@ -723,9 +732,10 @@ def test_asyncio_task_cancel_delivers_result_then_cancels_again() -> None:
         assert task.cancelled()
 
     asyncio.run(main())
-    assert reached == ["result", "cancelling=1"]
+    assert reached == ["result", "cancelling=1"][: 2 if sys.version_info >= (3, 11) else 1]
 
 
+@needs_311
 def test_asyncio_task_group_failure_cancels_the_worker() -> None:
     tokens: list[CancelToken] = []
 
