@@ -13,3 +13,11 @@ def async_libraries_loaded() -> list[str]:
     return sorted(
         name for name in sys.modules if name.split(".")[0] in ("anyio", "asyncio", "trio")
     )
+
+
+def package_facade() -> list[str]:
+    """Which of the facade's own names the worker's ``bridgecancel`` package has."""
+    import bridgecancel
+
+    wanted = ("__all__", "__getattr__", "__version__")
+    return [name for name in wanted if name in vars(bridgecancel)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import os
 import subprocess
 import sys
 
@@ -95,3 +96,15 @@ def test_lazy_names_are_typed_for_type_checkers() -> None:
 async def test_worker_process_never_imports_an_async_library() -> None:
     # The job's module does `from bridgecancel import current_token`, as the README shows.
     assert await run_process(_proc_lean.async_libraries_loaded) == []
+
+
+@pytest.mark.anyio
+async def test_worker_process_starts_by_a_plain_import() -> None:
+    pid = await run_process(os.getpid)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[1] == b"-c"
+    assert b"from bridgecancel._worker import main; main()" in argv[2]
+    # The package in the worker is the real one, with its facade (not built by hand).
+    names = await run_process(_proc_lean.package_facade)
+    assert names == ["__all__", "__getattr__", "__version__"]
