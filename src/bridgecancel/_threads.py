@@ -145,8 +145,9 @@ class _ThreadJob:
         counters.started("threads")
         token = self.source._token
         if token.cancel_called:  # cancelled before it began: it never does
-            self._end(None, Cancelled._create(token, token._reason))
-            raise Cancelled._create(token, token._reason)
+            cancelled = Cancelled._create(token, token._reason)
+            self._end(None, cancelled)
+            raise cancelled
         self.began = True
         _current.set(token)
         try:
