@@ -328,6 +328,8 @@ async def run_sync(
     job = _ThreadJob(func, args, source_for_caller(trio_task), interrupt_after)
     try:
         result: T
+        if job.source._token.cancel_called:  # the caller is cancelled already
+            await anyio.sleep_forever()  # its own cancellation, at once; the job never starts
         if abandon_on_cancel:
             result = await _run_abandoning(job, limiter)
         elif trio_task:
@@ -428,13 +430,13 @@ class _TrioCall:
         lowlevel.spawn_system_task(self._host, context=contextvars.copy_context())
         await lowlevel.wait_task_rescheduled(self._abort)
         failure, self.failure = self.failure, None
-        if self.job.state == _DROPPED:  # cancelled before it reached a thread
-            await anyio.sleep_forever()  # the caller's own cancellation, at once
         if failure is not None:
             try:
                 raise failure
             finally:
                 del failure  # no cycle through this frame's traceback
+        if self.job.state == _DROPPED:  # the host's scope was cancelled before the thread
+            await anyio.sleep_forever()  # started: the caller's own cancellation, at once
         return await supervise.deliver(self.job)
 
     def _abort(self, raise_cancel: object) -> Any:
@@ -468,8 +470,6 @@ async def _escalate_shielded(job: _ThreadJob) -> None:
 
 
 async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
-    if job.source._token.cancel_called:  # the caller is cancelled already: it never starts
-        await anyio.sleep_forever()
     await _acquire(job, limiter)
     try:
         return await _TrioCall(job, sys.modules["trio"].CancelScope()).run()
