@@ -33,6 +33,24 @@ RESULTS_DIR = BENCH_DIR / "results"
 VERSIONED = ("bridgecancel", "anyio", "trio", "trio-parallel", "sniffio", "outcome")
 
 
+# -- anchors that may be missing ------------------------------------------------------
+
+_SKIPPED: set[str] = set()
+
+
+def optional_anchor(module: str, install: str) -> Any:
+    """Import an anchor library, or say (once) how to install it and return None."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if module not in _SKIPPED:
+            _SKIPPED.add(module)
+            print(f"skipping the {module} anchor: it is not installed ({install})")
+        return None
+
+
 # -- rounds and statistics ------------------------------------------------------------
 
 

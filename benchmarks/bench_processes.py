@@ -33,6 +33,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+if __name__ == "__main__":  # run as a script: make the sibling _harness importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # standard library only, like the rest of the worker side
+
 RESULTS = Path(__file__).parent / "results" / "processes.json"
 
 # -- worker side (standard library only at import time) --------------------------------
@@ -100,9 +104,12 @@ def _callers(backend: str) -> dict[str, tuple[Call, Call]]:
             lambda f, *a: anyio.to_process.run_sync(f, *a, cancellable=True),
         ),
     }
+    trio_parallel = None
     if backend == "trio":
-        import trio_parallel  # type: ignore[import-untyped,unused-ignore]
-
+        trio_parallel = h.optional_anchor(
+            "trio_parallel", 'pip install --group bench, or pip install trio-parallel'
+        )
+    if trio_parallel is not None:
         callers["trio_parallel"] = (
             trio_parallel.run_sync,
             lambda f, *a: trio_parallel.run_sync(f, *a, kill_on_cancel=True),
@@ -225,7 +232,10 @@ def _cold_start(quick: bool) -> dict[str, Any]:
         # source checkout under PYTHONDONTWRITEBYTECODE would not), outside the tree.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = pycache
-        for name in ("bridgecancel", "trio_parallel", "anyio.to_process"):
+        names = ["bridgecancel", "trio_parallel", "anyio.to_process"]
+        if h.optional_anchor("trio_parallel", "pip install trio-parallel") is None:
+            names.remove("trio_parallel")
+        for name in names:
             firsts = []
             for i in range(1 + (5 if quick else 15)):
                 result = subprocess.run(

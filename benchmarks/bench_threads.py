@@ -3,7 +3,7 @@
     python benchmarks/bench_threads.py [--quick]
 
 1. ``run_sync(noop)`` per call against ``anyio.to_thread.run_sync(noop)``, on anyio's
-   asyncio and trio backends. Target: <= 1.10x.
+   asyncio and trio backends. Target: <= 1.05x on asyncio, <= 1.30x on trio.
 2. Structured cancel latency: from ``scope.cancel()`` to the exit of the scope's ``with``
    block, with the worker finished; the worker waits in ``current_token().wait()``. Beside
    anyio's polling pattern (``from_thread.check_cancelled()`` every 10 ms), and on plain
@@ -11,7 +11,7 @@
    p50 <= 0.3 ms, p99 <= 1 ms.
 3. Cost of ``token.cancel_called`` and ``token.check()`` inside a worker, beside
    ``threading.Event.is_set()``, ``anyio.from_thread.check_cancelled()`` and
-   ``trio.from_thread.check_cancelled()``. Target: ``cancel_called`` <= 1.5x
+   ``trio.from_thread.check_cancelled()``. Target: ``cancel_called`` <= 0.5x
    ``Event.is_set()``; ``check()`` at least 3x faster than anyio's check.
 4. 10,000 jobs behind a limiter of 40, cancelled by one scope: time until the scope exits
    and how many queued jobs started. Target: <= 0.5 s, 0 started.
@@ -44,6 +44,9 @@ if __name__ == "__main__":  # run as a script: make the sibling _harness importa
 import _harness as h
 
 AREA = "threads"
+# Issue 7's targets. trio's is looser: the known floor (a watcher task per call, since
+# nothing public says that a shielded thread call's caller was cancelled) is about 1.3x.
+NOOP_TARGET = {"asyncio": 1.05, "trio": 1.30}
 BC = "bridgecancel.run_sync"
 ANYIO = "anyio.to_thread.run_sync"
 POLL_S = 0.0002  # how often the event loop looks whether a worker is ready
@@ -542,8 +545,9 @@ def _summarise(
                          h.paired_ratio(per_round, anchor)])
         ratio = h.paired_ratio(noop[BC], anchor)
         ratios[f"1. run_sync(noop), {backend}: bridgecancel / anyio"] = ratio
-        target(f"1. run_sync(noop) overhead, {backend}", "<= 1.10x anyio",
-               f"{ratio:.2f}x", ratio <= 1.10)
+        goal = NOOP_TARGET[backend]
+        target(f"1. run_sync(noop) overhead, {backend}", f"<= {goal:.2f}x anyio",
+               f"{ratio:.2f}x", ratio <= goal)
         figures.setdefault("noop_us", {})[backend] = {
             name: h.median(v) * 1e6 for name, v in noop.items()
         }
@@ -608,8 +612,8 @@ def _summarise(
         speedup = h.paired_ratio(anyio_check, checks[CHECK]["_net_rounds"])
         ratios[f"3. {backend}: token.cancel_called / Event.is_set()"] = cc
         ratios[f"3. {backend}: anyio check_cancelled() / token.check()"] = speedup
-        target(f"3. token.cancel_called cost, {backend}", "<= 1.5x Event.is_set()",
-               f"{cc:.2f}x", cc <= 1.5)
+        target(f"3. token.cancel_called cost, {backend}", "<= 0.5x Event.is_set()",
+               f"{cc:.2f}x", cc <= 0.5)
         target(f"3. token.check() speed, {backend}", ">= 3x faster than anyio's check",
                f"{speedup:.1f}x faster", speedup >= 3.0)
         for c in checks.values():

@@ -1,10 +1,11 @@
 """Run the benchmark suite: bridgecancel and its anchors, measured in the same run.
 
-    python benchmarks/run.py [--quick] [--curate] [--note TEXT] [--check]
+    python benchmarks/run.py [--full] [--curate] [--note TEXT] [--check]
                              [threads|processes|blocking ...]
     python benchmarks/run.py --show benchmarks/results/curated-threads.json
 
-Runs the chosen areas (default: every ``bench_<area>.py`` present in this folder), prints
+Runs the chosen areas (default: every ``bench_<area>.py`` present in this folder), in the
+quick mode (about a minute per area) unless ``--full`` is given, prints
 each area's tables, ratios and a met / NOT met line per target, and writes
 ``benchmarks/results/<area>.json`` with the machine's details (git-ignored). ``--curate``
 also writes ``results/curated-<area>.json``, the small file the docs show: run it on a
@@ -84,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("areas", nargs="*", metavar="area",
                         help=f"any of {', '.join(AREAS)} (default: all present)")
+    parser.add_argument("--full", action="store_true",
+                        help="more samples, for published figures: several minutes per area")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer samples: about a minute per area")
+                        help="fewer samples, about a minute per area (the default)")
     parser.add_argument("--curate", action="store_true",
                         help="also write results/curated-<area>.json (for the docs)")
     parser.add_argument("--note", default=None,
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if any target is not met")
     args = parser.parse_args(argv)
+    if args.full and args.quick:
+        parser.error("choose one of --full and --quick")
+    args.quick = not args.full
 
     _make_importable()
     import _harness as h

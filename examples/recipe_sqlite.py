@@ -11,6 +11,10 @@ cancelled; turn that into ``Cancelled`` with ``token.check()``.
 the registration and the start of the query would be missed. A progress handler that
 reads the token closes that gap (it costs one attribute read per 10,000 SQLite
 instructions).
+
+The bridge runs ``on_cancel`` callbacks in a thread of their own, never in the event
+loop, so one may run a moment after the query has already stopped (through the progress
+handler) and the connection has closed: the callback ignores a closed connection.
 """
 
 from __future__ import annotations
@@ -35,12 +39,17 @@ def query_one(database: str, sql: str) -> object:
     token = current_token()
     with contextlib.closing(sqlite3.connect(database)) as conn:
         conn.set_progress_handler(lambda: token.cancel_called, 10_000)
-        with token.on_cancel(conn.interrupt):
+        with token.on_cancel(_interrupt, conn):
             try:
                 return conn.execute(sql).fetchone()[0]
             except sqlite3.OperationalError:
                 token.check()  # interrupted because of the token: raise Cancelled
                 raise
+
+
+def _interrupt(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.ProgrammingError):  # closed already: nothing to stop
+        conn.interrupt()
 
 
 async def main() -> None:

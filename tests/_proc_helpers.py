@@ -194,3 +194,29 @@ def in_worker_imports() -> list[str]:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def wait_on_token(started: str, seconds: float) -> bool:
+    """True if the token fired within `seconds` (a deadline moved later must not fire it)."""
+    mark(started, str(os.getpid()))
+    return current_token().wait(seconds)
+
+
+class SlowToLoad:
+    """An argument that takes `seconds` to unpickle: the worker is still loading the job."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[object, tuple[float]]:
+        return (_load_slowly, (self.seconds,))
+
+
+def _load_slowly(seconds: float) -> SlowToLoad:
+    time.sleep(seconds)
+    return SlowToLoad(seconds)
+
+
+def mark_if_run(path: str, _slow: object) -> str:
+    mark(path, "ran")
+    return "ran"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -249,6 +250,7 @@ def test_open_token_under_plain_trio() -> None:
     assert abs(drift) < PROMPT
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
 def test_open_token_under_plain_asyncio_timeout() -> None:
     async def main() -> CancelToken:
         with pytest.raises(TimeoutError):

@@ -20,7 +20,9 @@ import bridgecancel
 from bridgecancel import Statistics, WorkerStatistics, current_token, run_sync
 
 WAIT = 10.0  # upper bound for any wait that should end much sooner
-OUTCOMES = ("completed", "cooperative", "interrupted", "killed", "abandoned")
+OUTCOMES = (
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+)
 
 
 def _threads() -> WorkerStatistics:
@@ -154,7 +156,7 @@ async def test_cooperative_job_is_counted_and_logged_at_debug(
 
 
 @pytest.mark.anyio
-async def test_job_cancelled_before_it_starts_is_not_counted(
+async def test_job_cancelled_before_it_starts_is_counted_as_never_started(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bridgecancel")
@@ -163,32 +165,39 @@ async def test_job_cancelled_before_it_starts_is_not_counted(
         scope.cancel()
         await run_sync(int)
     assert scope.cancelled_caught
-    assert _delta(before) == {}
+    assert _delta(before) == {"never_started": 1}
+    assert _threads().running == before.running
     assert _records(caplog) == []
 
 
 @pytest.mark.anyio
-async def test_abandoned_job_is_counted_when_its_thread_ends_and_logged_at_warning(
+async def test_abandoned_job_is_counted_when_the_caller_leaves_and_logged_at_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bridgecancel")
     before = _threads()
     release = threading.Event()
+    ended = threading.Event()
 
     def ignores_token(running: anyio.Event) -> str:
-        anyio.from_thread.run_sync(running.set)
-        release.wait(WAIT)
-        return "discarded"
+        try:
+            anyio.from_thread.run_sync(running.set)
+            release.wait(WAIT)
+            return "discarded"
+        finally:
+            ended.set()
 
     try:
         await _cancel_while_running(ignores_token, abandon_on_cancel=True)
-        # The call has returned; the thread still runs, so the job has no outcome yet.
-        assert _delta(before) == {}
-        assert _threads().running == before.running + 1
+        # The call has returned and the thread still runs: the job is abandoned now,
+        # not running (issue 7, defect 6).
+        assert _delta(before) == {"abandoned": 1}
+        assert _threads().running == before.running
     finally:
         release.set()
-    assert _wait_until(lambda: _threads().running == before.running)
-    assert _delta(before) == {"abandoned": 1}
+    assert ended.wait(WAIT)
+    assert _delta(before) == {"abandoned": 1}  # not counted again when the thread ends
+    assert _threads().running == before.running
     [record] = _records(caplog)
     assert record.levelno == logging.WARNING
     assert "ignores_token" in record.getMessage()

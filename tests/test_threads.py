@@ -12,6 +12,7 @@ import contextvars
 import functools
 import math
 import operator
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,11 @@ WAIT = 10.0  # upper bound for any wait that should end much sooner
 PROMPT = 2.0  # generous bound for "at once"
 
 _cvar: contextvars.ContextVar[str] = contextvars.ContextVar("test_threads_cvar")
+
+# asyncio.timeout(), asyncio.TaskGroup and Task.cancelling() are new in Python 3.11.
+needs_311 = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="uses asyncio API that is new in Python 3.11"
+)
 
 
 def _signal(event: anyio.Event) -> None:
@@ -505,34 +511,19 @@ async def test_failing_task_group_cancels_the_worker() -> None:
 
 
 @pytest.mark.anyio
-async def test_deadline_noticed_first_by_the_worker_is_the_scopes_cancellation() -> None:
-    """The worker raises Cancelled for the deadline before the loop has seen it."""
-    running = anyio.Event()
-    noticed = threading.Event()
+async def test_deadline_is_the_scopes_cancellation_and_the_tokens_reason() -> None:
+    """The token fires from the scope at its deadline, with the deadline as its reason."""
     tokens: list[CancelToken] = []
 
     def job() -> None:
         tokens.append(current_token())
-        _signal(running)
-        try:
-            current_token().sleep(WAIT)  # the token's own timer fires it
-        finally:
-            noticed.set()
-
-    async def hold_the_loop() -> None:
-        await running.wait()
-        # Block the event loop itself, so that the worker's Cancelled is handed back
-        # before the loop processes the scope's deadline.
-        noticed.wait(WAIT)
-        time.sleep(0.05)
+        current_token().sleep(WAIT)
 
     with anyio.move_on_after(0.1) as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hold_the_loop)
-            await run_sync(job)
+        await run_sync(job)
         pytest.fail("the cancellation must propagate")  # pragma: no cover
     assert scope.cancelled_caught
-    assert tokens[0].reason == "deadline exceeded", "the worker noticed first"
+    assert tokens[0].reason == "deadline exceeded"
 
 
 # -- abandon_on_cancel and its deprecated alias ---------------------------------------
@@ -652,6 +643,7 @@ def _asyncio_started(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> N
     loop.call_soon_threadsafe(event.set)
 
 
+@needs_311
 def test_asyncio_timeout_cancels_the_worker() -> None:
     tokens: list[CancelToken] = []
 
@@ -671,6 +663,7 @@ def test_asyncio_timeout_cancels_the_worker() -> None:
     assert tokens[0].reason == CALLER_CANCELLED
 
 
+@needs_311
 def test_asyncio_timeout_keeps_a_late_result_and_still_times_out() -> None:
     reached: list[str] = []
 
@@ -726,7 +719,8 @@ def test_asyncio_task_cancel_delivers_result_then_cancels_again() -> None:
 
         async def body() -> None:
             reached.append(await run_sync(job))
-            reached.append(f"cancelling={asyncio.current_task().cancelling()}")  # type: ignore[union-attr]
+            if sys.version_info >= (3, 11):  # one request, kept pending: not counted twice
+                reached.append(f"cancelling={asyncio.current_task().cancelling()}")  # type: ignore[union-attr]
             await asyncio.sleep(0)
             reached.append("past the checkpoint")  # pragma: no cover
 
@@ -738,9 +732,10 @@ def test_asyncio_task_cancel_delivers_result_then_cancels_again() -> None:
         assert task.cancelled()
 
     asyncio.run(main())
-    assert reached == ["result", "cancelling=1"]
+    assert reached == ["result", "cancelling=1"][: 2 if sys.version_info >= (3, 11) else 1]
 
 
+@needs_311
 def test_asyncio_task_group_failure_cancels_the_worker() -> None:
     tokens: list[CancelToken] = []
 

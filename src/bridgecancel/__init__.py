@@ -1,22 +1,34 @@
-"""Cancel blocking work in threads and processes from async cancel scopes."""
+"""Cancel blocking work in threads and processes from async cancel scopes.
 
-from ._bridge import cancel_on as cancel_on
-from ._bridge import open_token as open_token
+The token names are loaded at once (standard library only, so worker processes and code
+that only uses tokens start fast); the names backed by anyio are loaded the first time
+they are used (PEP 562).
+"""
+
+import typing as _typing
+
 from ._exceptions import BrokenWorkerError as BrokenWorkerError
 from ._exceptions import Cancelled as Cancelled
-from ._processes import RemoteTraceback as RemoteTraceback
-from ._processes import current_default_process_limiter as current_default_process_limiter
-from ._processes import run_process as run_process
-from ._stats import Statistics as Statistics
-from ._stats import WorkerStatistics as WorkerStatistics
-from ._stats import statistics as statistics
-from ._threads import run_sync as run_sync
+from ._exceptions import RemoteTraceback as RemoteTraceback
 from ._token import CancelSource as CancelSource
 from ._token import CancelToken as CancelToken
 from ._token import Registration as Registration
 from ._token import any_of as any_of
 from ._token import check_cancelled as check_cancelled
 from ._token import current_token as current_token
+
+if _typing.TYPE_CHECKING:
+    from ._bridge import cancel_on as cancel_on
+    from ._bridge import open_token as open_token
+    from ._processes import current_default_process_limiter as current_default_process_limiter
+    from ._processes import idle_worker_pids as idle_worker_pids
+    from ._processes import run_process as run_process
+    from ._stats import Statistics as Statistics
+    from ._stats import WorkerStatistics as WorkerStatistics
+    from ._stats import statistics as statistics
+    from ._threads import run_sync as run_sync
+
+__version__ = "0.1.0"
 
 __all__ = (
     "BrokenWorkerError",
@@ -32,8 +44,52 @@ __all__ = (
     "check_cancelled",
     "current_default_process_limiter",
     "current_token",
+    "idle_worker_pids",
     "open_token",
     "run_process",
     "run_sync",
     "statistics",
 )
+
+# Public name -> the private module that defines it, imported on first use.
+_LAZY: dict[str, str] = {
+    "cancel_on": "._bridge",
+    "open_token": "._bridge",
+    "current_default_process_limiter": "._processes",
+    "idle_worker_pids": "._processes",
+    "run_process": "._processes",
+    "Statistics": "._stats",
+    "WorkerStatistics": "._stats",
+    "statistics": "._stats",
+    "run_sync": "._threads",
+}
+
+
+def _publish(obj: _typing.Any) -> _typing.Any:
+    """Show a public object as ``bridgecancel.<name>`` in reprs and tracebacks."""
+    try:
+        obj.__module__ = __name__
+    except (AttributeError, TypeError):  # pragma: no cover - every public name allows it
+        pass
+    return obj
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = _publish(getattr(importlib.import_module(module_name, __name__), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+for _obj in (BrokenWorkerError, Cancelled, RemoteTraceback, CancelSource, CancelToken,
+             Registration, any_of, check_cancelled, current_token):
+    _publish(_obj)
+del _obj

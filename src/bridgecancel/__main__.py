@@ -9,20 +9,24 @@ from pathlib import Path
 USAGE = """usage: python -m bridgecancel {demo,bench}
 
   demo   cancel thread and process work on asyncio and trio, and show how it ended
-  bench  run the benchmarks (needs a checkout: benchmarks/run.py; extra args are passed on)
+  bench  run the benchmarks, quick by default (needs a checkout: benchmarks/run.py;
+         extra args are passed on: --full, an area such as threads, --check)
 """
 
 
 def _bench(args: list[str]) -> int:
-    script = Path.cwd() / "benchmarks" / "run.py"
-    if not script.exists():
-        print(
-            "benchmarks/run.py not found: run this from a bridgecancel checkout "
-            "(the benchmarks are not installed with the package)",
-            file=sys.stderr,
-        )
-        return 2
-    return subprocess.call([sys.executable, str(script), *args])
+    """Run ``benchmarks/run.py`` (quick unless ``--full``) from a checkout."""
+    checkout = Path(__file__).resolve().parents[2]  # src/bridgecancel/ -> the checkout
+    for folder in (Path.cwd(), checkout):
+        script = folder / "benchmarks" / "run.py"
+        if script.exists():
+            return subprocess.call([sys.executable, str(script), *args])
+    print(
+        "benchmarks/run.py not found: run this from a bridgecancel checkout "
+        "(the benchmarks are not installed with the package)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def main(argv: list[str]) -> int:

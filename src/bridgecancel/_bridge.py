@@ -1,4 +1,4 @@
-"""Scopes to tokens and back: `open_token`, `cancel_on`, and the pieces `run_sync` shares.
+"""Scopes to tokens and back: `open_token`, `cancel_on`, and the pieces the bridges share.
 
 Only anyio's public API is used; trio's own public API where a trio-only route is needed.
 """
@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._token import CancelSource, CancelToken
+from ._supervise import CALLER_CANCELLED
+from ._token import CancelSource, CancelToken, informative_source
 
 if TYPE_CHECKING:
     import trio
 
 __all__ = ("cancel_on", "open_token")
-
-CALLER_CANCELLED = "the caller was cancelled"
-
 
 def on_trio() -> bool:
     """True if the current thread runs a trio task (without importing trio to find out)."""
@@ -32,42 +30,34 @@ def on_trio() -> bool:
     return trio is not None and bool(trio.lowlevel.in_trio_task())
 
 
-def caller_deadline() -> float:
-    """The calling task's effective deadline in `time.monotonic` terms."""
+def caller_deadline(trio_task: bool = False) -> float:
+    """The calling task's effective deadline in `time.monotonic` terms.
+
+    `trio_task`: the caller runs in trio (asks trio directly, which is cheaper).
+    """
+    if trio_task:
+        trio = sys.modules["trio"]
+        deadline: float = trio.current_effective_deadline()
+        if deadline == math.inf or deadline == -math.inf:
+            return deadline
+        now: float = trio.current_time()
+        return time.monotonic() + (deadline - now)
     deadline = anyio.current_effective_deadline()
     if deadline == math.inf or deadline == -math.inf:
         return deadline
     return time.monotonic() + (deadline - anyio.current_time())
 
 
-def source_for_caller() -> CancelSource:
-    """A source whose token carries the calling task's effective deadline."""
-    deadline = caller_deadline()
+def source_for_caller(trio_task: bool = False) -> CancelSource:
+    """A source for a job or block: it carries the caller's effective deadline for
+    information, and fires only when the caller's scope is cancelled (never by itself at
+    that deadline, which the caller may push back later)."""
+    deadline = caller_deadline(trio_task)
     if deadline == -math.inf:
-        source = CancelSource()
-        source.cancel(CALLER_CANCELLED)
+        source = informative_source(math.inf)
+        source.cancel(CALLER_CANCELLED)  # no callbacks yet: nothing runs here
         return source
-    return CancelSource(deadline=deadline)
-
-
-def redeliver_asyncio_cancel(exc: BaseException) -> None:
-    """Ask again for an asyncio cancellation that was caught to hand over a result.
-
-    anyio's cancel scopes redeliver by themselves (the effective deadline is then
-    -inf); a plain ``Task.cancel()`` fires once, so it is requested again here,
-    keeping the task's cancel count as it was so ``asyncio.timeout`` still works.
-    """
-    if not isinstance(exc, asyncio.CancelledError):
-        return  # trio's Cancelled is delivered again at every checkpoint
-    if anyio.current_effective_deadline() == -math.inf:
-        return
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - run_sync always runs in a task
-        return
-    message = exc.args[0] if exc.args else None
-    if sys.version_info >= (3, 11):
-        task.uncancel()
-    task.cancel(message)
+    return informative_source(deadline)
 
 
 @asynccontextmanager
@@ -75,8 +65,10 @@ async def open_token() -> AsyncIterator[CancelToken]:
     """Yield a token that fires when the enclosing cancel scope is cancelled.
 
     For blocking work started some other way than `run_sync` (a thread of your own, a
-    library callback). The token carries the scope's effective deadline and respects
-    shields; it is closed when the block exits, so it does not outlive the scope.
+    library callback). The token carries the scope's effective deadline for information
+    (it fires when the scope is cancelled, not by itself at that deadline) and respects
+    shields; it is closed when the block exits, so it does not outlive the scope. Its
+    ``on_cancel`` callbacks run in another thread, never in the event loop's.
     """
     await anyio.lowlevel.checkpoint()
     source = source_for_caller()
@@ -98,7 +90,7 @@ async def open_token() -> AsyncIterator[CancelToken]:
                     if anyio.current_effective_deadline() == -math.inf or isinstance(
                         failure, anyio.get_cancelled_exc_class()
                     ):
-                        source.cancel(CALLER_CANCELLED)
+                        source._cancel_detached(CALLER_CANCELLED)
                     leaving[0] = True
                     group.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
@@ -120,7 +112,7 @@ async def _fire_when_cancelled(source: CancelSource, leaving: list[bool]) -> Non
         await anyio.sleep_forever()
     finally:
         if not leaving[0]:
-            source.cancel(CALLER_CANCELLED)
+            source._cancel_detached(CALLER_CANCELLED)
 
 
 @contextmanager
@@ -136,12 +128,12 @@ def cancel_on(token: CancelToken) -> Iterator[anyio.CancelScope]:
         raise TypeError(
             f"cancel_on() takes a CancelToken, got {token!r}; pass source.token"
         )
-    cancel_soon = _threadsafe_caller()
+    cancel_soon = threadsafe_caller()
     with anyio.CancelScope() as scope, token.on_cancel(cancel_soon, scope.cancel):
         yield scope
 
 
-def _threadsafe_caller() -> Callable[[Callable[[], object]], None]:
+def threadsafe_caller() -> Callable[[Callable[[], object]], None]:
     """A function that runs a callback in this event loop's thread, from any thread."""
     loop_thread = threading.get_ident()
     post: Callable[[Callable[[], object]], object]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from ._token import CancelToken
 
-__all__ = ("BrokenWorkerError", "Cancelled")
+__all__ = ("BrokenWorkerError", "Cancelled", "RemoteTraceback")
 
 
 class _NoPublicConstructor(type):
@@ -73,3 +73,21 @@ class BrokenWorkerError(RuntimeError):
         super().__init__(message)
         self.exitcode = exitcode
         self.signal = signal
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised in a worker process, kept as text.
+
+    It is the ``__cause__`` of the copy of the error that `run_process` raises, so it
+    prints above the local traceback.
+
+    Attributes:
+        traceback: the formatted traceback, as the worker printed it.
+    """
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'

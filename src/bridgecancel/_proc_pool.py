@@ -1,11 +1,12 @@
 """Worker processes and the pool that keeps them, seen from the parent.
 
-A worker is ``python -c <boot>`` started with `subprocess`, in its own process group,
-talking over three private pipes (see `_proc_wire`). The pool is one per parent
-process, shared by every event loop: idle workers are reused most-recent first, retire
-after `IDLE_TIMEOUT` seconds, and are shut down at interpreter exit. A worker outlives
-event loops on purpose (the next `asyncio.run` gets a warm worker); a worker never
-outlives its parent, because its watchdog exits when the control pipe closes.
+A worker is ``python -c "from bridgecancel._worker import main; main()"`` (a plain
+import) started with `subprocess`, in its own process group, talking over three private
+pipes (see `_proc_wire`). The pool is one per parent process, shared by every event loop:
+idle workers are reused most-recent first, retire after `IDLE_TIMEOUT` seconds, and are
+shut down at interpreter exit. A worker outlives event loops on purpose (the next
+`asyncio.run` gets a warm worker); a worker never outlives its parent, because its
+watchdog exits when the control pipe closes.
 
 One thread, ``bridgecancel idle reaper``, exists while the pool holds idle or retiring
 workers: it retires idle workers on time and reaps the ones that exit.
@@ -36,26 +37,13 @@ _RETIRE_GRACE: Final = 2.0  # a retiring worker that has not exited by then is k
 _LIVENESS_PERIOD: Final = 1.0  # how often the reaper checks that idle workers are alive
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Load `bridgecancel._worker` without running the package's __init__, which may import
-# anyio; `_worker._make_package_lazy` runs it later if a job asks the package for a name.
-_BOOT: Final = """\
-import sys
-if sys.path and sys.path[0] == '':
-    del sys.path[0]
-from importlib.machinery import PathFinder
-spec = PathFinder.find_spec('bridgecancel', [sys.argv[1]])
-pkg = None
-if spec is not None and spec.loader is not None and spec.submodule_search_locations:
-    pkg = type(sys)('bridgecancel')
-    pkg.__spec__ = spec
-    pkg.__loader__ = spec.loader
-    pkg.__file__ = spec.origin
-    pkg.__path__ = spec.submodule_search_locations
-    pkg.__package__ = 'bridgecancel'
-    sys.modules['bridgecancel'] = pkg
-import bridgecancel._worker as worker
-worker.main(pkg, spec)
-"""
+# A plain import: the package's __init__ loads no anyio (its anyio-backed names are lazy),
+# so the worker stays standard-library only. The package's own directory goes first on the
+# path, so the worker runs the same bridgecancel as its parent.
+_BOOT: Final = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from bridgecancel._worker import main; main()"
+)
 
 
 class WorkerProcess:

@@ -8,7 +8,7 @@ Three private pipes per worker, each written by one side and read by the other:
   cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
   worker that its parent is gone.
 - results (worker -> parent): ``RESULT_HEADER`` then a payload whose meaning depends on
-  the kind byte.
+  the kind byte: ``STARTED`` once the job's function begins, then one result.
 
 Every message names its job, so a late control record never touches a later job.
 """
@@ -38,6 +38,11 @@ RAISED: Final = 1  # payload: pickled (exception, remote traceback text)
 CANCELLED: Final = 2  # payload: the token's reason, UTF-8 (empty for None)
 LOAD_FAILED: Final = 3  # payload: UTF-8 message; the job could not be unpickled
 SEND_FAILED: Final = 4  # payload: UTF-8 message; the result or error could not be pickled
+# Not a result: sent once per job, just before its function is called (empty payload).
+# A job cancelled before it began gets CANCELLED without STARTED. The parent counts
+# escalation timers from it, so a worker still starting or loading a job is never
+# interrupted or killed for it.
+STARTED: Final = 5
 
 # A cancel reason longer than this is cut, so a control record fits in one atomic write.
 MAX_REASON: Final = 1024

@@ -1,22 +1,18 @@
 """`run_process`: run a sync function in a pooled worker process, with a real token.
 
 The pieces: `_proc_pool` starts and keeps worker processes, `_worker` is the process
-side, `_proc_wire` the bytes between them, and `_proc_supervise` the cancel, escalate
-and deliver logic shared with the thread bridge. This module validates a call, pickles
-the job, picks a worker, and turns what came back into a value or an error.
+side, `_proc_wire` the bytes between them, and `_supervise` the cancel, escalate,
+deliver and count logic shared with the thread bridge. This module validates a call,
+pickles the job, picks a worker, and says how a process job is signalled and stopped
+and what came back.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import math
 import os
 import pickle
 import signal
 import sys
-import time
-import types
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -24,10 +20,12 @@ import anyio
 from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 
 from . import _proc_wire as wire
-from ._exceptions import BrokenWorkerError, Cancelled
+from . import _supervise as supervise
+from ._bridge import caller_deadline
+from ._checks import check_call, describe
+from ._exceptions import BrokenWorkerError, Cancelled, RemoteTraceback
 from ._proc_pool import WorkerProcess, main_is_loadable, pool
-from ._proc_supervise import supervise
-from ._stats import Outcome, counters, log_cancelled
+from ._stats import Outcome, counters
 
 if sys.version_info >= (3, 11):
     from typing import TypeVarTuple, Unpack
@@ -37,7 +35,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = (
     "DEFAULT_INTERRUPT_AFTER",
     "DEFAULT_KILL_AFTER",
-    "RemoteTraceback",
     "current_default_process_limiter",
     "idle_worker_pids",
     "run_process",
@@ -72,21 +69,6 @@ def current_default_process_limiter() -> anyio.CapacityLimiter:
 def idle_worker_pids() -> set[int]:
     """The process ids of the idle pooled workers (which outlive calls by design)."""
     return pool.idle_pids()
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an error raised in a worker process, kept as text.
-
-    It is the ``__cause__`` of the copy of the error that `run_process` raises, so it
-    prints above the local traceback.
-    """
-
-    def __init__(self, traceback: str) -> None:
-        super().__init__(traceback)
-        self.traceback = traceback
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.traceback.rstrip()}\n"""'
 
 
 async def run_process(
@@ -137,11 +119,9 @@ async def run_process(
             "run_process() needs POSIX process groups and signals; on Windows use "
             "anyio.to_process.run_sync or trio_parallel.run_sync"
         )
-    _check_callable(func)
-    interrupt_after = _check_seconds("interrupt_after", interrupt_after)
-    kill_after = _check_seconds("kill_after", kill_after)
-    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
-        raise TypeError(f"limiter must be an anyio.CapacityLimiter or None, got {limiter!r}")
+    interrupt_after, kill_after = check_call(
+        "run_process", func, limiter, interrupt_after=interrupt_after, kill_after=kill_after
+    )
     _check_not_loading_main()
     payload = _pickle_job(func, args)
     if limiter is None:
@@ -170,49 +150,70 @@ async def _run_in_worker(
     kill_after: float | None,
 ) -> Any:
     worker = pool.take()
-    deadline = anyio.current_effective_deadline()
-    remote_deadline = math.inf
-    if deadline != math.inf:
-        remote_deadline = time.monotonic() + (deadline - anyio.current_time())
-    job = _ProcessJob(worker, worker.next_job_id(), func)
-    counters.started("processes")
+    job = _ProcessJob(worker, func, interrupt_after, kill_after, caller_deadline())
     try:
         try:
-            rest = worker.send_nowait(wire.job_message(job.job_id, remote_deadline, payload))
+            message = wire.job_message(job.job_id, job.deadline, payload)
+            rest = worker.send_nowait(message)
             if rest:  # a large job: finish sending it even if cancelled meanwhile
                 with anyio.CancelScope(shield=True):
                     await worker.send_rest(rest)
         except BrokenPipeError:
-            pass  # the worker died; supervise() sees it exit
-        return await supervise(
-            job,
-            interrupt_after=interrupt_after,
-            kill_after=kill_after,
-            deadline=deadline,
-            on_ended=job.ended,
-        )
+            pass  # the worker died; job.wait() sees it exit
+        try:
+            await job.wait()
+        except anyio.get_cancelled_exc_class() as exc:
+            return await supervise.deliver_cancelled(job, exc)
+        return await supervise.deliver(job)
     finally:
-        if not job.released:  # left before the job ended (the coroutine was closed)
-            job.ended("killed", None, abandon=True)
+        job.release()
 
 
 class _ProcessJob:
-    """One job in one worker process: the `_proc_supervise.Job` protocol."""
+    """One job in one worker process: the `_supervise.Job` of a process."""
 
-    def __init__(self, worker: WorkerProcess, job_id: int, func: Callable[..., object]) -> None:
+    kind: Final = "processes"
+
+    def __init__(
+        self,
+        worker: WorkerProcess,
+        func: Callable[..., object],
+        interrupt_after: float | None,
+        kill_after: float | None,
+        deadline: float,
+    ) -> None:
         self.worker = worker
-        self.job_id = job_id
+        self.deadline = deadline
+        self.job_id = worker.next_job_id()
         self.func = func
-        self.message: tuple[int, bytes] | None = None  # (kind, payload) from the worker
+        self.interrupt_after = interrupt_after
+        self.kill_after = kill_after
+        self.in_worker = False  # STARTED arrived: its function began
+        self.message: tuple[int, bytes] | None = None  # the final (kind, payload)
         self.returncode: int | None = None  # set if the worker died during the job
         self.interrupted = False
-        self.released = False
+        self._reason: str | None = None
         self._exiting = False  # the worker's result pipe closed: it is exiting
 
-    async def wait(self) -> None:
+    @property
+    def started(self) -> bool:
+        return self.in_worker
+
+    @property
+    def ended(self) -> bool:
+        return self.returncode is not None or (self.message is not None and not self.worker.killed)
+
+    @property
+    def reason(self) -> str | None:
+        message = self.message
+        if self._reason is None and message is not None and message[0] == wire.CANCELLED:
+            return message[1].decode("utf-8", "replace") or None  # its token fired there
+        return self._reason
+
+    async def wait(self, *, until_started: bool = False) -> None:
         worker = self.worker
-        while self.returncode is None:
-            if self.message is not None and not worker.killed:
+        while not self.ended:
+            if until_started and self.in_worker:
                 return
             if self._exiting:
                 self.returncode = await worker.wait_exit()
@@ -222,10 +223,17 @@ class _ProcessJob:
                 self._exiting = True
                 worker.kill_group()  # the worker is gone; so are children it left
             elif received[0] == self.job_id:
-                self.message = (received[1], received[2])
+                if received[1] == wire.STARTED:
+                    self.in_worker = True
+                    counters.started("processes")
+                else:
+                    self.message = (received[1], received[2])
 
-    def cancel(self, reason: str) -> None:
-        self.worker.control(wire.CANCEL, self.job_id, reason)
+    def fire(self, reason: str) -> None:
+        # A write to a pipe: no user code runs here (on_cancel runs in the worker).
+        if self._reason is None:
+            self._reason = reason
+            self.worker.control(wire.CANCEL, self.job_id, reason)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -234,27 +242,37 @@ class _ProcessJob:
     def kill(self) -> None:
         self.worker.kill()
 
+    def outcome(self) -> Outcome:
+        if self.worker.killed:
+            return "killed"
+        if self.returncode is not None:
+            return "crashed"
+        if not self.in_worker:
+            return "never_started"
+        if self.interrupted:
+            return "interrupted"
+        if self._reason is not None or self.stopped_by_cancel:
+            return "cooperative"
+        return "completed"
+
     @property
     def stopped_by_cancel(self) -> bool:
         if self.message is not None:  # it answered, maybe just before the kill landed
             return self.message[0] == wire.CANCELLED
         return self.worker.killed
 
-    def ended(self, outcome: Outcome, reason: str | None, *, abandon: bool = False) -> None:
-        """Count and log how the job ended, and hand the worker back, on, or away."""
-        self.released = True
+    def release(self) -> None:
+        """Hand the worker back, on, or away, once the call is over."""
         worker = self.worker
-        if abandon:
+        if not self.ended:  # the caller left before the job ended (the coroutine closed)
             pool.retire(worker, kill=True)
+            counters.finished("processes", "killed", was_running=self.in_worker)
         elif self.returncode is not None:
             pool.discard(worker)  # reaped already
-        elif self.interrupted:
-            pool.retire(worker)  # the interrupt may have left it in a bad state
+        elif self.interrupted or worker.killed:
+            pool.retire(worker, kill=worker.killed)  # an interrupt may leave it unwell
         else:
             pool.give_back(worker)
-        counters.finished("processes", outcome)
-        if reason is not None:
-            log_cancelled("processes", outcome, self.func, reason)
 
     def result(self) -> Any:
         if self.message is None:
@@ -262,9 +280,9 @@ class _ProcessJob:
             raise _broken_worker(self.worker.pid, self.returncode, self.func)
         kind, body = self.message
         if kind == wire.RETURNED:
-            return _load(body, f"the result of {_describe(self.func)}")
+            return _load(body, f"the result of {describe(self.func)}")
         if kind == wire.RAISED:
-            error, tb_text = _load(body, f"the error raised by {_describe(self.func)}")
+            error, tb_text = _load(body, f"the error raised by {describe(self.func)}")
             raise error from RemoteTraceback(tb_text)
         if kind == wire.CANCELLED:
             raise Cancelled._create(None, body.decode("utf-8", "replace") or None)
@@ -293,46 +311,18 @@ def _broken_worker(pid: int, returncode: int, func: Callable[..., object]) -> Br
             name = f"signal {signum}"
         return BrokenWorkerError(
             f"the worker process (pid {pid}) died by {name} while running "
-            f"{_describe(func)}; the pool has replaced it",
+            f"{describe(func)}; the pool has replaced it",
             signal=signum,
         )
     return BrokenWorkerError(
         f"the worker process (pid {pid}) exited with code {returncode} while running "
-        f"{_describe(func)} (did it call sys.exit() or os._exit()?); the pool has "
+        f"{describe(func)} (did it call sys.exit() or os._exit()?); the pool has "
         "replaced it",
         exitcode=returncode,
     )
 
 
 # -- checking a call -------------------------------------------------------------------
-
-
-def _check_callable(func: object) -> None:
-    if not callable(func):
-        raise TypeError(
-            f"run_process() needs a callable as its first argument, got {func!r}"
-        )
-    if isinstance(func, (type, types.BuiltinFunctionType)):
-        return  # classes and builtins are sync (and the check is on every call)
-    target = func.func if isinstance(func, functools.partial) else func
-    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(target):
-        raise TypeError(
-            f"run_process() runs sync functions in a worker process, but {_describe(func)} "
-            "is a coroutine function; await it directly instead"
-        )
-
-
-def _check_seconds(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a non-negative number of seconds (or None to skip that "
-            f"stage), got {value!r}"
-        )
-    return None if value == math.inf else float(value)
 
 
 def _check_not_loading_main() -> None:
@@ -361,7 +351,7 @@ def _pickle_by_value(func: Callable[..., object], args: tuple[object, ...]) -> b
         import cloudpickle  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise pickle.PicklingError(
-            f"{_describe(func)} is defined in an interactive __main__ (a REPL, a notebook "
+            f"{describe(func)} is defined in an interactive __main__ (a REPL, a notebook "
             "or python -c), which worker processes cannot import; define it in a module, "
             "or install cloudpickle (pip install cloudpickle) to send it by value"
         ) from None
@@ -375,7 +365,7 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
         wire.dumps(func)
     except Exception as exc:
         return (
-            f"cannot send {_describe(func)} to a worker process: pickling it failed "
+            f"cannot send {describe(func)} to a worker process: pickling it failed "
             f"({wire.describe_pickling_error(exc)}); define it at module level (lambdas, "
             f"closures and nested functions cannot be pickled by name){fix}"
         )
@@ -384,12 +374,12 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
             wire.dumps(arg)
         except Exception as exc:
             return (
-                f"cannot send argument {index} of {_describe(func)}, a "
+                f"cannot send argument {index} of {describe(func)}, a "
                 f"{type(arg).__qualname__}, to a worker process: pickling it failed "
                 f"({wire.describe_pickling_error(exc)}); pass picklable data (locks, "
                 "open files, sockets and generators cannot be pickled)"
             )
-    return f"cannot pickle the call {_describe(func)} to send it to a worker process"
+    return f"cannot pickle the call {describe(func)} to send it to a worker process"
 
 
 def _cloudpickle_hint() -> str:
@@ -400,9 +390,3 @@ def _cloudpickle_hint() -> str:
     return ""
 
 
-def _describe(func: object) -> str:
-    name = getattr(func, "__qualname__", None)
-    if name is None:
-        return repr(func)
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}()" if module else f"{name}()"

@@ -9,13 +9,17 @@ from typing import Final, Literal
 
 __all__ = ("Outcome", "Statistics", "WorkerStatistics", "statistics")
 
-Outcome = Literal["completed", "cooperative", "interrupted", "killed", "abandoned"]
+Outcome = Literal[
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+]
 Kind = Literal["threads", "processes"]
 _SINGULAR: Final = {"threads": "thread", "processes": "process"}
 
 logger: Final = logging.getLogger("bridgecancel")
 
-_OUTCOMES: Final = ("completed", "cooperative", "interrupted", "killed", "abandoned")
+_OUTCOMES: Final = (
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,12 @@ class WorkerStatistics:
             `Cancelled` or returned after the token fired).
         interrupted: jobs stopped by raising `Cancelled` inside the worker.
         killed: process jobs whose worker was killed.
-        abandoned: cancelled jobs left running (``abandon_on_cancel=True``).
-        running: jobs running in a worker right now.
+        abandoned: cancelled jobs left running (``abandon_on_cancel=True``), counted
+            when the caller leaves them.
+        crashed: process jobs whose worker died by itself (`BrokenWorkerError`).
+        never_started: jobs cancelled before their function began, which then never ran
+            (they cost their worker nothing).
+        running: jobs whose function is running in a worker right now.
     """
 
     completed: int
@@ -37,6 +45,8 @@ class WorkerStatistics:
     interrupted: int
     killed: int
     abandoned: int
+    crashed: int
+    never_started: int
     running: int
 
 
@@ -60,10 +70,12 @@ class _Counters:
         with self._lock:
             self._counts[kind]["running"] += 1
 
-    def finished(self, kind: Kind, outcome: Outcome) -> None:
+    def finished(self, kind: Kind, outcome: Outcome, *, was_running: bool = True) -> None:
+        """Count an ended job; `was_running` if `started` counted it as running."""
         with self._lock:
             counts = self._counts[kind]
-            counts["running"] -= 1
+            if was_running:
+                counts["running"] -= 1
             counts[outcome] += 1
 
     def snapshot(self) -> Statistics:
@@ -84,7 +96,7 @@ def statistics() -> Statistics:
 
 def log_cancelled(kind: Kind, outcome: Outcome, func: object, reason: str | None) -> None:
     """Log a cancelled job: DEBUG when it stopped by itself, WARNING when forced."""
-    level = logging.DEBUG if outcome == "cooperative" else logging.WARNING
+    level = logging.DEBUG if outcome in ("cooperative", "never_started") else logging.WARNING
     if logger.isEnabledFor(level):
         name = getattr(func, "__qualname__", None) or repr(func)
         logger.log(

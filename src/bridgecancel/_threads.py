@@ -1,13 +1,16 @@
 """`run_sync`: anyio's worker threads, with the caller's cancellation reaching the worker.
 
-The thread itself is always started by ``anyio.to_thread.run_sync``, so everything anyio
-sets up in a worker (``anyio.from_thread.*``, the limiter, contextvars, no current async
-library) stays as it is. What differs per backend is how the caller learns that it was
-cancelled while the thread runs, since anyio's shielded wait does not say:
+This module says only how a thread job starts, is signalled and stops; `_supervise`
+decides what a cancellation does to it. The thread itself is always started by
+``anyio.to_thread.run_sync``, so everything anyio sets up in a worker
+(``anyio.from_thread.*``, contextvars, no current async library) stays as it is. The
+caller holds the limiter itself, with the job as borrower (so a nested call from
+``from_thread.run`` borrows a token of its own, as in anyio). What differs per backend is
+how the caller learns that it was cancelled while the thread runs, since anyio's shielded
+wait does not say:
 
-* asyncio: the thread runs with ``abandon_on_cancel=True`` behind our own hold on the
-  limiter, so the cancellation arrives as an exception; we fire the token and wait for
-  the job ourselves under a shield.
+* asyncio: the thread runs with ``abandon_on_cancel=True``, so the cancellation arrives
+  as an exception; the supervisor then fires the token and waits for the job.
 * trio: the thread runs with ``abandon_on_cancel=False`` (so ``from_thread.run`` keeps
   running inside the caller's cancel scopes) and a watcher task blocks in
   ``trio.lowlevel.wait_task_rescheduled``; trio calls its abort hook the moment the
@@ -17,27 +20,27 @@ cancelled while the thread runs, since anyio's shielded wait does not say:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
-import math
 import sys
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ._bridge import (
-    CALLER_CANCELLED,
-    on_trio,
-    redeliver_asyncio_cancel,
-    source_for_caller,
-)
+from . import _supervise as supervise
+from ._bridge import on_trio, source_for_caller, threadsafe_caller
+from ._checks import check_call
 from ._exceptions import Cancelled
-from ._interrupt import RETRY_INTERVAL, JobGuard
-from ._stats import Outcome, counters, log_cancelled
+from ._stats import Outcome, counters
 from ._token import CancelSource, _current
+
+if TYPE_CHECKING:
+    from ._interrupt import JobGuard
 
 if sys.version_info >= (3, 11):
     from typing import TypeVarTuple, Unpack
@@ -77,21 +80,26 @@ _UNLIMITED: Final[Any] = _Unlimited()
 
 
 class _ThreadJob:
-    """One call's job: runs in the worker thread, tells the caller when it is done."""
+    """One call's job: runs in a worker thread; the `_supervise.Job` of a thread."""
+
+    kind: Final = "threads"
+    kill_after: Final = None  # a thread cannot be killed
 
     __slots__ = (
-        "abandoned",
+        "_claim",
+        "_event",
         "args",
+        "began",
         "done",
         "exception",
         "func",
         "guard",
+        "in_worker",
         "interrupt_after",
-        "lock",
         "on_done",
-        "result",
         "source",
         "state",
+        "value",
     )
 
     def __init__(
@@ -99,129 +107,161 @@ class _ThreadJob:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         source: CancelSource,
-        interrupt_after: float | None = None,
+        interrupt_after: float | None,
     ) -> None:
         self.func = func
         self.args = args
         self.source = source
-        self.lock = threading.Lock()
+        # Whoever pops this first decides: the worker (the job starts) or the caller
+        # (it never will). list.pop() is atomic, so the hot path takes no lock.
+        self._claim = [None]
         self.state = _QUEUED
-        self.result: Any = None
+        self.began = False
+        self.in_worker = False
+        self.value: Any = None
         self.exception: BaseException | None = None
         self.on_done: Callable[[], object] | None = None
-        self.abandoned = False
+        self._event: anyio.Event | None = None
         # Escalation, only when asked for: set up here so the hot path pays nothing.
         self.interrupt_after = interrupt_after
         self.guard: JobGuard | None = None
         self.done: threading.Event | None = None
         if interrupt_after is not None:
+            from ._interrupt import JobGuard  # ctypes, loaded only by those who use it
+
             self.guard = JobGuard(source.token)
             self.done = threading.Event()
-            source.token.on_cancel(self._start_interrupter)
 
-    def _start_interrupter(self) -> None:
-        threading.Thread(
-            target=self._interrupt_until_done, name="bridgecancel interrupter", daemon=True
-        ).start()
-
-    def _interrupt_until_done(self) -> None:
-        """After `interrupt_after` seconds, raise `Cancelled` in the job until it ends.
-
-        Runs in its own short-lived thread, started only when the token fires, so that
-        escalation works the same on every backend and costs nothing otherwise. The
-        guard never lets an interrupt reach the wrapper or a later job on this thread;
-        it is retried every RETRY_INTERVAL in case the job swallowed the first one.
-        """
-        done, guard = self.done, self.guard
-        assert done is not None
-        assert guard is not None
-        if done.wait(self.interrupt_after):
-            return
-        while not done.is_set():
-            guard.interrupt()
-            done.wait(RETRY_INTERVAL)
+    # -- the worker thread's side -----------------------------------------------------
 
     def run(self) -> Any:
-        """The worker thread's side: never start a cancelled job; record how it ended."""
-        token = self.source._token
-        with self.lock:
-            if self.state == _DROPPED:
-                return None
-            self.state = _RUNNING
-        if token._fired:
-            self._finish(None, Cancelled._create(token, token._reason), started=False)
-            raise Cancelled._create(token, token._reason)
+        """Run the job unless the caller dropped it or its token already fired."""
+        try:
+            self._claim.pop()
+        except IndexError:
+            return None  # dropped: the caller has left
+        self.state = _RUNNING
+        self.in_worker = True
         counters.started("threads")
+        token = self.source._token
+        if token.cancel_called:  # cancelled before it began: it never does
+            cancelled = Cancelled._create(token, token._reason)
+            self._end(None, cancelled)
+            raise cancelled
+        self.began = True
         _current.set(token)
         try:
             guard = self.guard
-            result = self.func(*self.args) if guard is None else guard.run(self.func, *self.args)
-            if inspect.iscoroutine(result):
-                result.close()
+            value = self.func(*self.args) if guard is None else guard.run(self.func, *self.args)
+            if inspect.iscoroutine(value):
+                value.close()
                 raise TypeError(
                     f"{_name(self.func)} returned a coroutine: it is async, so await it "
                     "directly instead of passing it to run_sync()"
                 )
         except BaseException as exc:
-            self._finish(None, exc)
+            self._end(None, exc)
             raise
-        self._finish(result, None)
-        return result
+        self._end(value, None)
+        return value
 
-    def _finish(
-        self, result: Any, exception: BaseException | None, *, started: bool = True
-    ) -> None:
-        with self.lock:
-            self.state = _DONE
-            self.result = result
-            self.exception = exception
-            on_done = self.on_done
+    def _end(self, value: Any, exception: BaseException | None) -> None:
+        self.value = value
+        self.exception = exception
+        self.state = _DONE
         if self.done is not None:
             self.done.set()
-        if started:
-            token = self.source._token
-            outcome: Outcome
-            if not token._fired:
-                outcome = "completed"
-            elif self.guard is not None and self.guard.interrupted:
-                outcome = "interrupted"
-            elif self.abandoned:
-                outcome = "abandoned"
-            else:
-                outcome = "cooperative"
-            counters.finished("threads", outcome)
-            if outcome != "completed":
-                log_cancelled("threads", outcome, self.func, token._reason)
+        on_done = self.on_done  # read after the state is set: see wait()
         if on_done is not None:
             on_done()
 
-    def drop_if_queued(self) -> bool:
-        """Make sure a job that has not started never will; True if it had not."""
-        with self.lock:
-            if self.state == _QUEUED:
-                self.state = _DROPPED
-                if self.done is not None:
-                    self.done.set()
-                return True
-            return False
+    # -- the caller's side: `_supervise.Job` ----------------------------------------------
 
-    def ended_by_own_token(self) -> bool:
+    def drop_if_queued(self) -> bool:
+        """Make sure a job that has not started never will; True if this call did it."""
+        try:
+            self._claim.pop()
+        except IndexError:
+            return False
+        self.state = _DROPPED
+        if self.done is not None:
+            self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+        return True
+
+    @property
+    def deadline(self) -> float:
+        return self.source._token._deadline
+
+    @property
+    def started(self) -> bool:
+        return self.began
+
+    @property
+    def ended(self) -> bool:
+        return self.state >= _DONE
+
+    @property
+    def reason(self) -> str | None:
+        token = self.source._token
+        return token._reason if token.cancel_called else None
+
+    def fire(self, reason: str) -> None:
+        self.source._cancel_detached(reason)
+
+    async def wait(self, *, until_started: bool = False) -> None:
+        if self.state >= _DONE or (until_started and self.began):
+            return
+        event = self._event
+        if event is None:
+            event = self._event = anyio.Event()
+            self.on_done = functools.partial(threadsafe_caller(), event.set)
+            if self.state >= _DONE:  # it ended before it could see on_done
+                event.set()
+        await event.wait()
+
+    def interrupt(self) -> None:
+        threading.Thread(
+            target=self._interrupt_until_done, name="bridgecancel interrupter", daemon=True
+        ).start()
+
+    def _interrupt_until_done(self) -> None:
+        """Raise `Cancelled` in the job, again every RETRY_INTERVAL if it swallows it."""
+        from ._interrupt import RETRY_INTERVAL
+
+        done, guard = self.done, self.guard
+        assert done is not None
+        assert guard is not None
+        while not done.is_set():
+            guard.interrupt()
+            done.wait(RETRY_INTERVAL)
+
+    def kill(self) -> None:  # pragma: no cover - kill_after is None for threads
+        raise NotImplementedError("worker threads cannot be killed")
+
+    def outcome(self) -> Outcome:
+        if not self.began:
+            return "never_started"
+        if self.guard is not None and self.guard.interrupted:
+            return "interrupted"
+        if self.source._token.cancel_called:
+            return "cooperative"
+        return "completed"
+
+    @property
+    def stopped_by_cancel(self) -> bool:
         exception = self.exception
         return isinstance(exception, Cancelled) and exception.token is self.source._token
+
+    def result(self) -> Any:
+        if self.exception is not None:
+            raise self.exception
+        return self.value
 
 
 def _name(func: object) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
-
-
-def _check_func(func: object) -> None:
-    if not callable(func):
-        raise TypeError(f"run_sync() needs a callable to run in a thread, got {func!r}")
-    if inspect.iscoroutinefunction(func):
-        raise TypeError(
-            f"{_name(func)} is an async function: await it directly instead of "
-            "passing it to run_sync()"
-        )
 
 
 async def run_sync(
@@ -235,10 +275,18 @@ async def run_sync(
     """Call ``func(*args)`` in a worker thread; its token fires if the caller is cancelled.
 
     A drop-in for `anyio.to_thread.run_sync`: same arguments and behaviour, and
-    ``anyio.from_thread`` works inside the worker. In addition, `current_token()` in the
-    worker fires the moment the calling task is cancelled (by its cancel scope, a
-    deadline, a failing task group or nursery, ``asyncio.timeout`` or
-    ``Task.cancel()``), and carries the caller's effective deadline.
+    ``anyio.from_thread`` works inside the worker (including nested `run_sync` calls).
+    In addition, `current_token()` in the worker fires the moment the calling task is
+    cancelled (by its cancel scope, a deadline, a failing task group or nursery,
+    ``asyncio.timeout`` or ``Task.cancel()``). The token's ``deadline`` is the caller's
+    effective deadline when the call began, for information (to pass on as a socket or
+    query timeout): the token fires when the caller's scope is cancelled, never by itself,
+    so a deadline the caller pushes back later does not stop the job.
+
+    The token is fired from the event loop thread, but its ``on_cancel`` callbacks then
+    run in another thread, so they never block the loop, and their errors go to
+    ``sys.unraisablehook``; waiters (``token.wait()``, ``bridgecancel.blocking``) wake at
+    once all the same.
 
     The call returns only when the worker has finished, unless `abandon_on_cancel` is
     true. If the worker raises `Cancelled` for this token, the caller sees its native
@@ -262,12 +310,12 @@ async def run_sync(
             Off (None) by default.
 
     Raises:
-        TypeError: if `func` is not callable, or is (or returns) a coroutine.
+        TypeError: if `func` is not a sync callable (an async function, an async
+            generator function, or returns a coroutine), or `limiter` is not an
+            ``anyio.CapacityLimiter``.
         ValueError: if `interrupt_after` is negative or NaN.
     """
-    _check_func(func)
-    if interrupt_after is not None:
-        interrupt_after = _check_interrupt_after(interrupt_after)
+    interrupt_after, _ = check_call("run_sync", func, limiter, interrupt_after=interrupt_after)
     if cancellable is not None:
         abandon_on_cancel = cancellable
         warnings.warn(
@@ -276,176 +324,154 @@ async def run_sync(
             DeprecationWarning,
             stacklevel=2,
         )
-    job = _ThreadJob(func, args, source_for_caller(), interrupt_after)
+    trio_task = on_trio()
+    job = _ThreadJob(func, args, source_for_caller(trio_task), interrupt_after)
     try:
         result: T
+        if job.source._token.cancel_called:  # the caller is cancelled already
+            await anyio.sleep_forever()  # its own cancellation, at once; the job never starts
         if abandon_on_cancel:
             result = await _run_abandoning(job, limiter)
-        elif on_trio():
-            result = await _run_on_trio(job, limiter)
+        elif trio_task:
+            result = await _run_on_trio(job, limiter or _default_limiter())
         else:
-            result = await _run_on_asyncio(job, limiter)
+            result = await _run_on_asyncio(job, limiter or _default_limiter())
         return result
     finally:
-        job.drop_if_queued()  # a job the caller left before it started never runs
+        if job.drop_if_queued():  # the caller left before the job started: it never runs
+            counters.finished("threads", "never_started", was_running=False)
         job.source.close()
 
 
-def _check_interrupt_after(seconds: object) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"interrupt_after must be a number of seconds or None, got {seconds!r}")
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(
-            f"interrupt_after must be a non-negative number of seconds, got {seconds}; "
-            "pass None to never interrupt"
-        )
-    return float(seconds)
+_default_limiter: Final = anyio.to_thread.current_default_thread_limiter
 
 
 async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
     try:
-        return await anyio.to_thread.run_sync(job.run, abandon_on_cancel=True, limiter=limiter)
-    except anyio.get_cancelled_exc_class():
-        with job.lock:
-            job.abandoned = True
-        job.drop_if_queued()
-        job.source.cancel(CALLER_CANCELLED)
+        await anyio.to_thread.run_sync(job.run, abandon_on_cancel=True, limiter=limiter)
+    except anyio.get_cancelled_exc_class() as exc:
+        if job.exception is exc:  # the worker itself raised the backend's cancellation
+            return await supervise.deliver(job)
+        if not job.drop_if_queued():
+            supervise.abandon(job, exc)
+        else:
+            counters.finished("threads", "never_started", was_running=False)
         raise
-    except Cancelled:
-        if job.ended_by_own_token():
-            await anyio.sleep_forever()
-        raise
+    except BaseException as exc:
+        if job.exception is not exc:  # anyio's own error (or its form of the job's)
+            if job.state == _DONE:
+                supervise.record(job)
+            raise
+    return await supervise.deliver(job)
+
+
+async def _acquire(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> None:
+    """Borrow a token for the job: at once if one is free, else wait in line."""
+    try:
+        limiter.acquire_on_behalf_of_nowait(job)
+    except anyio.WouldBlock:
+        await limiter.acquire_on_behalf_of(job)
 
 
 # -- asyncio ------------------------------------------------------------------------
 
 
-async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
-    async with limiter or anyio.to_thread.current_default_thread_limiter():
+async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
+    await _acquire(job, limiter)
+    try:
         try:
-            return await anyio.to_thread.run_sync(
+            value = await anyio.to_thread.run_sync(
                 job.run, abandon_on_cancel=True, limiter=_UNLIMITED
             )
         except asyncio.CancelledError as exc:
             if job.exception is exc:  # the worker itself raised CancelledError
+                return await supervise.deliver(job)
+            # The caller was cancelled while the job was queued or running.
+            job.drop_if_queued()
+            return await supervise.deliver_cancelled(job, exc)
+        except BaseException as exc:
+            if job.exception is not exc:  # anyio's own error (or its form of the job's)
+                if job.state == _DONE:
+                    supervise.record(job)
                 raise
-            cancelled = exc
-        except Cancelled:
-            if job.ended_by_own_token():
-                # The token's deadline fired before the loop noticed the scope's:
-                # report it as that scope's cancellation.
-                await anyio.sleep_forever()
-            raise
-        # The caller was cancelled while the job was queued or running.
-        job.source.cancel(CALLER_CANCELLED)
-        if job.drop_if_queued():
-            raise cancelled
-        await _wait_done_asyncio(job)
-    return _deliver_after_cancel(job, cancelled)
-
-
-async def _wait_done_asyncio(job: _ThreadJob) -> None:
-    """Wait for the job under a shield, absorbing repeated native cancellations."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(_set_done, done)
-        except RuntimeError:  # pragma: no cover - the loop closed under us
-            pass
-
-    with job.lock:
-        finished = job.state == _DONE
-        if not finished:
-            job.on_done = wake
-    if finished:
-        return
-    with anyio.CancelScope(shield=True):
-        while not done.done():
-            try:
-                await asyncio.shield(done)
-            except asyncio.CancelledError:
-                # A native Task.cancel() got through the shield; the job still runs,
-                # and the cancellation is already being handled.
-                continue
-
-
-def _set_done(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-def _deliver_after_cancel(job: _ThreadJob, cancelled: BaseException) -> Any:
-    """Hand over what the job produced after its caller was cancelled (asyncio)."""
-    exception = job.exception
-    if job.ended_by_own_token():
-        raise cancelled
-    redeliver_asyncio_cancel(cancelled)
-    if exception is not None:
-        raise exception
-    return job.result
+            return await supervise.deliver(job)
+        supervise.record(job)
+        return value
+    finally:
+        limiter.release_on_behalf_of(job)
 
 
 # -- trio ---------------------------------------------------------------------------
 
 
-class _TrioWatcher:
-    """A task that sleeps in the caller's cancel scopes and fires the token on cancel."""
+class _TrioCall:
+    """One thread call on trio, hosted by a system task while the caller waits.
 
-    __slots__ = ("job", "stopped", "task")
+    The caller blocks in ``trio.lowlevel.wait_task_rescheduled``; trio calls its abort
+    hook the moment the caller's scope is cancelled. The hook cancels the host's scope
+    (so ``from_thread.run`` and ``from_thread.check_cancelled()`` in the worker see the
+    cancellation, as they would in the caller's scopes), fires the token, starts the
+    escalation if asked for, and declines the abort: the caller waits on until the job
+    has ended, so that a result returned after the cancel is kept. This costs one task
+    and no nursery per call.
+    """
 
-    def __init__(self, job: _ThreadJob) -> None:
+    __slots__ = ("caller", "failure", "job", "scope")
+
+    def __init__(self, job: _ThreadJob, scope: Any) -> None:
         self.job = job
-        self.task: Any = None
-        self.stopped = False
+        self.scope = scope
+        self.caller: Any = None
+        self.failure: BaseException | None = None
 
-    async def watch(self) -> None:
-        if self.stopped:
-            return
+    async def run(self) -> Any:
         lowlevel = sys.modules["trio"].lowlevel
-        self.task = lowlevel.current_task()
-        source = self.job.source
-
-        def abort(raise_cancel: object) -> Any:
-            source.cancel(CALLER_CANCELLED)
-            # Stay blocked: stop() wakes this task once the job is done, so that a
-            # result the worker returns after the cancel is not lost.
-            return lowlevel.Abort.FAILED
-
-        await lowlevel.wait_task_rescheduled(abort)
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self.task is not None:
-            sys.modules["trio"].lowlevel.reschedule(self.task)
-
-
-async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
-    trio = sys.modules["trio"]
-    watcher = _TrioWatcher(job)
-    failure: BaseException | None = None
-    try:
-        # The limiter is held here, before the watcher exists, so that queued jobs
-        # cost one limiter wait each and leave at once when cancelled. The nursery only
-        # hosts the watcher; the job's exception is raised once it has closed, so that
-        # it reaches the caller as itself, not wrapped in a group.
-        async with (
-            limiter or anyio.to_thread.current_default_thread_limiter(),
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(watcher.watch)
+        self.caller = lowlevel.current_task()
+        lowlevel.spawn_system_task(self._host, context=contextvars.copy_context())
+        await lowlevel.wait_task_rescheduled(self._abort)
+        failure, self.failure = self.failure, None
+        if failure is not None:
             try:
-                result = await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
-            except BaseException as exc:
-                failure = exc
-            watcher.stop()
-        if failure is None:
-            return result
-        if job.ended_by_own_token():
-            # Cancelled because the caller was, or its deadline passed: give the
-            # caller trio's own Cancelled instead.
-            await anyio.sleep_forever()
-        raise failure
+                raise failure
+            finally:
+                del failure  # no cycle through this frame's traceback
+        if self.job.state == _DROPPED:  # the host's scope was cancelled before the thread
+            await anyio.sleep_forever()  # started: the caller's own cancellation, at once
+        return await supervise.deliver(self.job)
+
+    def _abort(self, raise_cancel: object) -> Any:
+        lowlevel = sys.modules["trio"].lowlevel
+        job = self.job
+        self.scope.cancel()  # trio tells the worker's thread call at once, synchronously
+        job.fire(supervise.cancel_reason(job))
+        if job.interrupt_after is not None:
+            lowlevel.spawn_system_task(_escalate_shielded, job)
+        return lowlevel.Abort.FAILED
+
+    async def _host(self) -> None:
+        job = self.job
+        try:
+            with self.scope:
+                await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
+        except BaseException as exc:  # a system task must not raise: hand it over
+            if job.exception is not exc:  # anyio's own error (or its form of the job's)
+                self.failure = exc
+                if job.state == _DONE:
+                    supervise.record(job)
+        finally:
+            if job.drop_if_queued():  # the scope was cancelled before it reached a thread
+                counters.finished("threads", "never_started", was_running=False)
+            sys.modules["trio"].lowlevel.reschedule(self.caller)
+
+
+async def _escalate_shielded(job: _ThreadJob) -> None:
+    with anyio.CancelScope(shield=True):
+        await supervise.escalate(job)
+
+
+async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
+    await _acquire(job, limiter)
+    try:
+        return await _TrioCall(job, sys.modules["trio"].CancelScope()).run()
     finally:
-        del failure  # no cycle through this frame's traceback
+        limiter.release_on_behalf_of(job)

@@ -1,8 +1,8 @@
 """The worker process: runs jobs from the pool with a real cancel token.
 
 Standard library only, and never anyio: a worker must start fast. The pool launches
-``python -c <boot>``, which loads this module without running the package's
-``__init__`` (see `_make_package_lazy`) and calls `main`.
+``python -c "from bridgecancel._worker import main; main()"``: a plain import, since the
+package's ``__init__`` loads only the standard-library token names at once.
 
 Three threads of control matter here:
 
@@ -55,6 +55,7 @@ class _State:
         self.interrupt_job = 0
         self.main_ident = threading.get_ident()
         self.config: wire.Config = {}
+        self.res_fd = -1  # the results pipe, for the STARTED message
         self.main_loaded = False
         self.loading_main = False  # guards run_process against an unguarded __main__
 
@@ -202,6 +203,10 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     if token.cancel_called:  # cancelled before it started: it never starts
         return wire.CANCELLED, _reason_bytes(token)
     state = _state
+    try:
+        wire.write_all(state.res_fd, wire.result_message(wire.STARTED, state.job_id, b""))
+    except OSError:
+        pass  # the parent is gone: the listener ends this process
     try:
         try:
             state.interruptible = True
@@ -354,28 +359,6 @@ def _load_parent_main() -> None:
 # -- start-up ------------------------------------------------------------------------------
 
 
-def _make_package_lazy(pkg: types.ModuleType, spec: Any) -> None:
-    """Run the package's real ``__init__`` only when user code first asks it for a name.
-
-    The boot code registered `pkg` without running ``__init__`` (which may import anyio),
-    so this module and its standard-library imports load fast. A job whose module does
-    ``from bridgecancel import current_token`` then gets the full package, with the same
-    ``_token`` module and hence the same current token.
-    """
-    lock = threading.Lock()
-
-    def __getattr__(name: str) -> object:
-        if name.startswith("_"):  # submodules and dunders: let the import system look
-            raise AttributeError(name)
-        with lock:
-            if pkg.__dict__.get("__getattr__") is __getattr__:
-                del pkg.__dict__["__getattr__"]
-                spec.loader.exec_module(pkg)
-        return getattr(pkg, name)
-
-    pkg.__getattr__ = __getattr__  # type: ignore[method-assign]
-
-
 def _flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -390,24 +373,23 @@ def _apply_config(config: wire.Config) -> None:
     sys.path[:] = config["sys_path"]
 
 
-def main(pkg: types.ModuleType | None, spec: Any) -> NoReturn:
+def main() -> NoReturn:
     """Serve jobs until the parent closes the job pipe (or dies); then exit at once."""
     try:
-        _serve(pkg, spec)
+        _serve()
     except BaseException as exc:
         _fail("serving jobs", exc)
     _flush_stdio()
     os._exit(0)
 
 
-def _serve(pkg: types.ModuleType | None, spec: Any) -> None:
+def _serve() -> None:
     job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
     fds = (job_fd, ctl_fd, res_fd)
+    _state.res_fd = res_fd
     for fd in fds:  # children the job starts must not hold our pipes open
         os.set_inheritable(fd, False)
     os.register_at_fork(after_in_child=lambda: _close_all(fds))
-    if pkg is not None:
-        _make_package_lazy(pkg, spec)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {INTERRUPT_SIGNAL})
     signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
 

@@ -1,0 +1,408 @@
+"""Tests for `bridgecancel._supervise`: section 3 of the design, for threads and processes.
+
+Each defect named in issues 7 and 8 that the supervisor fixes has a test here, on asyncio
+and trio through anyio (and on plain asyncio where the defect is plain asyncio's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import operator
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+
+import _proc_helpers as h
+import bridgecancel
+from bridgecancel import BrokenWorkerError, CancelToken, current_token, run_process, run_sync
+
+WAIT = 10.0  # upper bound for any wait that should end much sooner
+PROMPT = 2.0  # generous bound for "at once"
+
+pytestmark = pytest.mark.anyio
+
+
+def _delta(kind: str, before: bridgecancel.WorkerStatistics) -> dict[str, int]:
+    after = getattr(bridgecancel.statistics(), kind)
+    names = [f for f in before.__dataclass_fields__ if f != "running"]
+    changes = {name: getattr(after, name) - getattr(before, name) for name in names}
+    return {name: n for name, n in changes.items() if n}
+
+
+def _signal(event: anyio.Event) -> None:
+    anyio.from_thread.run_sync(event.set)
+
+
+async def _wait_for_file(path: Path) -> None:
+    with anyio.fail_after(30):
+        while not path.exists():
+            await anyio.sleep(0.005)
+
+
+class _Unraisable:
+    """Collects what reaches sys.unraisablehook (callback errors go there)."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self.threads: list[int] = []
+
+    def __call__(self, info: Any) -> None:
+        self.errors.append(info.exc_value)
+        self.threads.append(threading.get_ident())
+
+    async def wait_for(self, count: int) -> None:
+        with anyio.fail_after(WAIT):
+            while len(self.errors) < count:
+                await anyio.sleep(0.005)
+
+
+@pytest.fixture
+def unraisable(monkeypatch: pytest.MonkeyPatch) -> _Unraisable:
+    hook = _Unraisable()
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    return hook
+
+
+# -- defect 1: user callbacks never run on the event loop thread ---------------------------
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+async def test_raising_callback_never_reaches_the_loop_or_the_caller(
+    how: str, unraisable: _Unraisable
+) -> None:
+    running = anyio.Event()
+    loop_thread = threading.get_ident()
+    callback_threads: list[int] = []
+
+    def failing_callback() -> None:
+        callback_threads.append(threading.get_ident())
+        raise KeyError("from a callback")
+
+    def job() -> str:
+        current_token().on_cancel(failing_callback)
+        _signal(running)
+        current_token().wait(WAIT)
+        current_token().check()
+        return "not reached"
+
+    with anyio.CancelScope() as scope:
+        if how == "deadline":
+            scope.deadline = anyio.current_time() + 0.1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_sync, job)
+            await running.wait()
+            if how == "cancel":
+                scope.cancel()  # the canceller's own call raises nothing
+    assert scope.cancelled_caught
+    await unraisable.wait_for(1)
+    assert "from a callback" in repr(unraisable.errors[0])  # alone or in a group
+    assert callback_threads
+    assert callback_threads[0] != loop_thread
+
+
+async def test_blocking_callback_never_blocks_the_loop() -> None:
+    running = anyio.Event()
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_callback() -> None:  # a driver's cancel() making a network round trip
+        entered.set()
+        release.wait(WAIT)
+
+    def job() -> str:
+        current_token().on_cancel(blocking_callback)
+        _signal(running)
+        fired = current_token().wait(WAIT)
+        return "woke at once" if fired else "not woken"
+
+    scope = anyio.CancelScope()
+    results: list[str] = []
+
+    async def caller() -> None:
+        with scope:
+            results.append(await run_sync(job))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await running.wait()
+            start = time.monotonic()
+            scope.cancel()
+            while not entered.is_set():  # the loop runs on while the callback blocks
+                await anyio.sleep(0.001)
+            await anyio.sleep(0.01)
+            loop_ran_after = time.monotonic() - start
+            release.set()
+    finally:
+        release.set()
+    assert loop_ran_after < PROMPT
+    assert results == ["woke at once"]  # waiters woke without waiting for the callback
+
+
+async def test_open_token_callbacks_never_run_on_the_loop(unraisable: _Unraisable) -> None:
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def failing_callback() -> None:
+        threads.append(threading.get_ident())
+        raise KeyError("from a callback")
+
+    with anyio.move_on_after(0.05) as scope:
+        async with bridgecancel.open_token() as token:
+            token.on_cancel(failing_callback)
+            await anyio.sleep(WAIT)
+    assert scope.cancelled_caught
+    await unraisable.wait_for(1)
+    assert threads
+    assert threads[0] != loop_thread
+
+
+# -- defect 2: a deadline moved later never stops the job -----------------------------------
+
+
+async def test_thread_job_is_not_stopped_by_a_deadline_pushed_back() -> None:
+    running = anyio.Event()
+    tokens: list[CancelToken] = []
+
+    def job() -> bool:
+        tokens.append(current_token())
+        _signal(running)
+        return current_token().wait(0.6)  # True if the (old) deadline fired the token
+
+    async def push_back(scope: anyio.CancelScope) -> None:
+        await running.wait()
+        scope.deadline += 30
+
+    start = time.monotonic()
+    with anyio.CancelScope(deadline=anyio.current_time() + 0.2) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(push_back, scope)
+            fired = await run_sync(job)
+    assert fired is False
+    assert not scope.cancel_called
+    assert time.monotonic() - start < 0.6 + PROMPT  # the caller never waits for the new one
+    assert not tokens[0].cancel_called
+    # The token kept the deadline the caller had at the start, for information.
+    assert tokens[0].deadline < time.monotonic() + 1
+
+
+async def test_process_job_is_not_stopped_by_a_deadline_pushed_back(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+
+    async def push_back(scope: anyio.CancelScope) -> None:
+        await _wait_for_file(marker)
+        scope.deadline += 30
+
+    start = time.monotonic()
+    with anyio.CancelScope(deadline=anyio.current_time() + 1.0) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(push_back, scope)
+            # Cancelled never escapes into async code: the job's own result comes back.
+            fired = await run_process(h.wait_on_token, str(marker), 1.5)
+    assert fired is False
+    assert not scope.cancel_called
+    assert time.monotonic() - start < 1.5 + 10
+
+
+# -- defect 4: nested calls -------------------------------------------------------------------
+
+
+async def test_nested_run_sync_through_from_thread_run() -> None:
+    async def inner() -> int:
+        return await run_sync(operator.add, 1, 2)
+
+    def outer() -> int:
+        return anyio.from_thread.run(inner) * 10
+
+    assert await run_sync(outer) == 30
+
+
+async def test_nested_run_sync_shares_an_explicit_limiter() -> None:
+    limiter = anyio.CapacityLimiter(2)
+
+    async def inner() -> int:
+        return await run_sync(operator.add, 1, 2, limiter=limiter)
+
+    def outer() -> int:
+        return anyio.from_thread.run(inner)
+
+    assert await run_sync(outer, limiter=limiter) == 3
+    assert limiter.borrowed_tokens == 0
+
+
+# -- defect 6: every job lands in exactly one outcome, the right one ------------------------
+
+
+async def test_process_job_cancelled_by_a_deadline_is_cooperative_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bridgecancel")
+    before = bridgecancel.statistics().processes
+    for i in range(3):
+        with anyio.move_on_after(0.3):
+            await run_process(h.wait_for_cancel, str(tmp_path / f"m{i}"))
+    assert _delta("processes", before) == {"cooperative": 3}
+    records = [r for r in caplog.records if r.name == "bridgecancel"]
+    assert len(records) == 3
+    assert all(r.levelno == logging.DEBUG for r in records)
+    assert all("deadline exceeded" in r.getMessage() for r in records)
+
+
+async def test_process_job_whose_worker_died_is_crashed() -> None:
+    before = bridgecancel.statistics().processes
+    with pytest.raises(BrokenWorkerError):
+        await run_process(h.exit_with, 3)
+    assert _delta("processes", before) == {"crashed": 1}
+    assert bridgecancel.statistics().processes.running == before.running
+
+
+# -- issue 8, defect 5: escalation waits for the job to start ----------------------------------
+
+
+async def test_process_job_cancelled_while_loading_never_starts_and_keeps_its_worker(
+    tmp_path: Path,
+) -> None:
+    ran = tmp_path / "ran"
+    await run_process(h.pid)  # a warm worker, so the job below is the one loading
+    before = bridgecancel.statistics().processes
+    with anyio.move_on_after(0.05) as scope:
+        await run_process(
+            h.mark_if_run, str(ran), h.SlowToLoad(0.5), interrupt_after=0.01, kill_after=0.02
+        )
+    assert scope.cancelled_caught
+    assert not ran.exists()
+    # Neither interrupted nor killed: the worker was still loading, and is reused.
+    assert _delta("processes", before) == {"never_started": 1}
+    assert await run_process(h.add, 1, 2) == 3
+
+
+# -- issue 8, defect 6: one argument check for both bridges -----------------------------------
+
+
+async def _agen() -> AsyncIterator[int]:
+    yield 1
+
+
+async def _coro() -> None:
+    pass
+
+
+@pytest.mark.parametrize("bridge", [run_sync, run_process], ids=["run_sync", "run_process"])
+@pytest.mark.parametrize(
+    ("func", "options", "match"),
+    [
+        (_agen, {}, "async generator function"),
+        (_coro, {}, "coroutine function"),
+        (h.pid, {"limiter": 5}, r"anyio\.CapacityLimiter\(n\)"),
+        (h.pid, {"limiter": 0}, r"anyio\.CapacityLimiter\(n\)"),
+        (h.pid, {"limiter": "x"}, r"anyio\.CapacityLimiter\(n\)"),
+    ],
+    ids=["async-generator", "coroutine", "limiter-5", "limiter-0", "limiter-str"],
+)
+async def test_bad_input_is_rejected_clearly(
+    bridge: Callable[..., Any], func: Callable[..., Any], options: dict[str, Any], match: str
+) -> None:
+    before = bridgecancel.statistics()
+    with pytest.raises(TypeError, match=match):
+        await bridge(func, **options)
+    assert bridgecancel.statistics() == before
+
+
+# -- defect 3: plain asyncio, the same on every Python --------------------------------------
+
+
+def _returns_after_cancel(running: threading.Event) -> str:
+    running.set()
+    current_token().wait(WAIT)
+    return "kept"
+
+
+async def _plain_run_sync(running: threading.Event) -> str:
+    return await run_sync(_returns_after_cancel, running)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
+        running = threading.Event()
+        async with asyncio.timeout(0.05):  # type: ignore[attr-defined,unused-ignore]
+            seen.append(await _plain_run_sync(running))
+        await asyncio.sleep(0.01)  # an unrelated await: no stray cancellation here
+        seen.append("after")
+        return seen
+
+    assert asyncio.run(main()) == ["kept", "after"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
+        running = threading.Event()
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(0.05):  # type: ignore[attr-defined,unused-ignore]
+                seen.append(await _plain_run_sync(running))
+                await asyncio.sleep(WAIT)
+        except TimeoutError:
+            seen.append("timed out")
+        assert time.monotonic() - start < PROMPT
+        await asyncio.sleep(0.01)
+        return seen
+
+    assert asyncio.run(main()) == ["kept", "timed out"]
+
+
+def test_plain_asyncio_wait_for_keeps_the_result() -> None:
+    async def main() -> str:
+        running = threading.Event()
+        result = await asyncio.wait_for(_plain_run_sync(running), 0.05)
+        await asyncio.sleep(0.01)
+        return result
+
+    assert asyncio.run(main()) == "kept"
+
+
+def test_plain_asyncio_bare_task_cancel_still_cancels_the_task() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
+        running = threading.Event()
+
+        async def caller() -> None:
+            seen.append(await _plain_run_sync(running))
+            await asyncio.sleep(WAIT)
+            seen.append("not cancelled")
+
+        task = asyncio.create_task(caller())
+        while not running.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+        return seen
+
+    assert asyncio.run(main()) == ["kept", "cancelled"]
+
+
+def test_plain_asyncio_bare_task_cancel_of_a_returning_task_is_not_lost() -> None:
+    async def main() -> bool:
+        running = threading.Event()
+        task = asyncio.create_task(_plain_run_sync(running))
+        while not running.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.wait([task])
+        # The worker's value was handed over; the task had nothing left to cancel.
+        return task.result() == "kept"
+
+    assert asyncio.run(main())
