@@ -14,7 +14,10 @@ import time
 
 from bridgecancel import current_token
 
-KINDS = ("finish", "raise", "ignore", "cooperative", "stubborn")
+# Thread jobs are never stubborn: interrupting a thread may skip its finally blocks on
+# CPython 3.13 (python/cpython#139622), and the storm relies on them to record the end.
+THREAD_KINDS = ("finish", "raise", "ignore", "cooperative")
+PROCESS_KINDS = (*THREAD_KINDS, "stubborn")
 
 
 class Record:
