@@ -20,31 +20,6 @@ from _blocking_harness import (
 )
 from bridgecancel import CancelSource, CancelToken, _blocking_sync, _cpython, blocking
 
-
-@pytest.mark.parametrize("name", ["event", "condition", "semaphore", "queue_get", "future"])
-def test_condition_waits_fall_back_to_slices(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Where Condition internals are not as expected, waits poll in POLL_SLICE slices
-    # with the same semantics.
-    monkeypatch.setattr(_cpython, "AVAILABLE", False)
-    harness = HARNESSES[name]()
-    try:
-        source = CancelSource()
-        worker = Worker(lambda: harness.block(source.token))
-        wait_blocked(worker.thread)
-        source.cancel()
-        worker.cancelled(source.token)
-        harness.assert_unchanged()
-        harness.timeout_call(CancelSource().token)
-        worker = Worker(lambda: harness.block(CancelSource().token))
-        wait_blocked(worker.thread)
-        harness.make_ready()
-        worker.join(10)
-        assert worker.error is None
-        harness.check_result(worker.result)
-    finally:
-        harness.close()
-
-
 # -- the probe --------------------------------------------------------------------------
 
 
@@ -157,9 +132,9 @@ def probe_failed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         "future",
     ],
 )
-def test_every_condition_wait_falls_back_to_slices_when_the_probe_fails(
-    name: str, probe_failed: list[float]
-) -> None:
+def test_condition_waits_fall_back_to_slices(name: str, probe_failed: list[float]) -> None:
+    # Where the internals are not as expected, waits poll in POLL_SLICE slices with the
+    # same semantics.
     harness = HARNESSES[name]()
     try:
         source = CancelSource()

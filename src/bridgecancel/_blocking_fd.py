@@ -82,6 +82,18 @@ def wait_fd(fd: int, events: int, token: CancelToken, deadline: float | None) ->
             return False
 
 
+def _wait_for(
+    fd: int | _HasFileno,
+    events: int,
+    timeout: float | None,
+    token: CancelToken | None,
+    caller: str,
+) -> bool:
+    number = _fd_of(fd, caller)
+    token, deadline, _ = begin(caller, token, timeout)
+    return wait_fd(number, events, token, deadline)
+
+
 def wait_readable(
     fd: int | _HasFileno, timeout: float | None = None, *, token: CancelToken | None = None
 ) -> bool:
@@ -93,9 +105,7 @@ def wait_readable(
     Raises:
         Cancelled: if the token fires before or during the wait.
     """
-    number = _fd_of(fd, "wait_readable")
-    token, deadline, _ = begin("wait_readable", token, timeout)
-    return wait_fd(number, READ, token, deadline)
+    return _wait_for(fd, READ, timeout, token, "wait_readable")
 
 
 def wait_writable(
@@ -109,9 +119,7 @@ def wait_writable(
     Raises:
         Cancelled: if the token fires before or during the wait.
     """
-    number = _fd_of(fd, "wait_writable")
-    token, deadline, _ = begin("wait_writable", token, timeout)
-    return wait_fd(number, WRITE, token, deadline)
+    return _wait_for(fd, WRITE, timeout, token, "wait_writable")
 
 
 def _open_socket(

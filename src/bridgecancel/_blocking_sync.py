@@ -13,7 +13,7 @@ import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _cpython
 from ._blocking_common import begin, cancelled, check_type, remaining, wait_sliced
@@ -178,32 +178,48 @@ def queue_get(
         Cancelled: if the token fires before or during the wait.
         queue.Empty: if `timeout` seconds pass with the queue empty.
     """
-    check_type(q, queue.Queue, "queue_get", "a queue.Queue (or a subclass)")
-    token, deadline, never = begin("queue_get", token, timeout)
+    return _queue_op("queue_get", q, lambda block, t: q.get(block, t), timeout, token)
+
+
+def _queue_op(
+    caller: str,
+    q: queue.Queue[Any],
+    op: Callable[[bool, float | None], T],
+    timeout: float | None,
+    token: CancelToken | None,
+) -> T:
+    """Call ``op(block, timeout)``, a get or a put on `q`, waiting while it cannot act."""
+    check_type(q, queue.Queue, caller, "a queue.Queue (or a subclass)")
+    token, deadline, never = begin(caller, token, timeout)
     if never:
-        return q.get(True, timeout)
+        return op(True, timeout)
+    putting = caller == "queue_put"
+    busy = queue.Full if putting else queue.Empty
     if not _cpython.AVAILABLE:
-        got: list[T] = []
+        done: list[T] = []
 
         def attempt(seconds: float) -> bool:
             try:
-                got.append(q.get(True, seconds))
-            except queue.Empty:
+                done.append(op(True, seconds))
+            except busy:
                 return False
             return True
 
         if wait_sliced(attempt, token, deadline):
-            return got[0]
-        raise queue.Empty
-    not_empty, _ = _cpython.queue_conditions(q)
+            return done[0]
+        raise busy
+    not_empty, not_full = _cpython.queue_conditions(q)
+    cond, blocked = (
+        (not_full, _cpython.queue_is_full) if putting else (not_empty, _cpython.queue_is_empty)
+    )
     while True:
         try:
-            return q.get(False)
-        except queue.Empty:
+            return op(False, None)
+        except busy:
             pass
-        with not_empty:
-            if not _wait_until(not_empty, lambda: not _cpython.queue_is_empty(q), token, deadline):
-                raise queue.Empty
+        with cond:
+            if not _wait_until(cond, lambda: not blocked(q), token, deadline):
+                raise busy
 
 
 def queue_put(
@@ -218,31 +234,7 @@ def queue_put(
         Cancelled: if the token fires before or during the wait.
         queue.Full: if `timeout` seconds pass with the queue full.
     """
-    check_type(q, queue.Queue, "queue_put", "a queue.Queue (or a subclass)")
-    token, deadline, never = begin("queue_put", token, timeout)
-    if never:
-        return q.put(item, True, timeout)
-    if not _cpython.AVAILABLE:
-
-        def attempt(seconds: float) -> bool:
-            try:
-                q.put(item, True, seconds)
-            except queue.Full:
-                return False
-            return True
-
-        if not wait_sliced(attempt, token, deadline):
-            raise queue.Full
-        return None
-    _, not_full = _cpython.queue_conditions(q)
-    while True:
-        try:
-            return q.put(item, False)
-        except queue.Full:
-            pass
-        with not_full:
-            if not _wait_until(not_full, lambda: not _cpython.queue_is_full(q), token, deadline):
-                raise queue.Full
+    return _queue_op("queue_put", q, lambda block, t: q.put(item, block, t), timeout, token)
 
 
 def future_result(
