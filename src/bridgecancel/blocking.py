@@ -65,3 +65,10 @@ __all__ = (
     "wait_readable",
     "wait_writable",
 )
+
+# Name the public module as their home (reprs, pickles, the docs), as anyio does.
+for _name in __all__:
+    _value = globals()[_name]
+    if callable(_value):
+        _value.__module__ = __name__
+del _name, _value

@@ -26,7 +26,7 @@ from ._exceptions import Cancelled
 from ._stats import statistics
 from ._token import CancelSource
 
-__all__ = ("LeakError", "assert_cancels_within", "check_no_leaks")
+__all__ = ("IDLE_THREAD_PREFIXES", "LeakError", "assert_cancels_within", "check_no_leaks")
 
 IDLE_THREAD_PREFIXES: Final = ("Trio thread", "AnyIO worker thread", "bridgecancel idle")
 """Names of threads that pools keep on purpose while idle (they retire on their own)."""
