@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Final
 
@@ -66,7 +67,13 @@ def _idle_worker_pids() -> set[int]:
     return set(idle_worker_pids())
 
 
-class check_no_leaks:
+def _running_jobs() -> int:
+    stats = statistics()
+    return stats.threads.running + stats.processes.running
+
+
+@contextmanager
+def check_no_leaks(*, settle: float = 5.0, ignore_threads: Iterable[str] = ()) -> Iterator[None]:
     """Fail if the block leaves a thread, a running job or a child process behind.
 
     On exit, waits up to `settle` seconds for what the block started to finish (a
@@ -79,55 +86,35 @@ class check_no_leaks:
 
     Checks the whole process, so run tests that use it one at a time, not in threads.
     """
+    ignored = (*IDLE_THREAD_PREFIXES, *ignore_threads)
+    threads_before = set(threading.enumerate())
+    pids_before = _child_pids()
+    running_before = _running_jobs()
 
-    def __init__(self, *, settle: float = 5.0, ignore_threads: Iterable[str] = ()) -> None:
-        self._settle = settle
-        self._ignored = (*IDLE_THREAD_PREFIXES, *ignore_threads)
-        self._threads: set[threading.Thread] = set()
-        self._pids: set[int] = set()
-        self._running = 0
-
-    def __enter__(self) -> None:
-        self._threads = set(threading.enumerate())
-        self._pids = _child_pids()
-        stats = statistics()
-        self._running = stats.threads.running + stats.processes.running
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            return
-        deadline = time.monotonic() + self._settle
-        while True:
-            leaks = self._leaks()
-            if not leaks or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-        if leaks:
-            raise LeakError("left behind: " + "; ".join(leaks))
-
-    def _leaks(self) -> list[str]:
-        leaks = []
-        stats = statistics()
-        if stats.threads.running + stats.processes.running > self._running:
-            leaks.append(f"jobs still running ({stats})")
+    def leaks() -> list[str]:
+        found = []
+        if _running_jobs() > running_before:
+            found.append(f"jobs still running ({statistics()})")
         threads = [
             t
             for t in threading.enumerate()
-            if t not in self._threads and t.is_alive() and not t.name.startswith(self._ignored)
+            if t not in threads_before and t.is_alive() and not t.name.startswith(ignored)
         ]
         if threads:
-            leaks.append(f"threads {threads}")
-        pids = _child_pids() - self._pids
+            found.append(f"threads {threads}")
+        pids = _child_pids() - pids_before
         if pids:
             pids -= _idle_worker_pids()
         if pids:
-            leaks.append(f"child processes {sorted(pids)}")
-        return leaks
+            found.append(f"child processes {sorted(pids)}")
+        return found
+
+    yield
+    deadline = time.monotonic() + settle
+    while (left := leaks()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left:
+        raise LeakError("left behind: " + "; ".join(left))
 
 
 class assert_cancels_within:
