@@ -17,6 +17,7 @@ STDLIB_ONLY = {
     "_stats",
     "_interrupt",
     "_pidfd",
+    "_procfs",
     "_blocking_common",
     "_cpython",
     "_blocking_sync",

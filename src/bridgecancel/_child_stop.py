@@ -13,6 +13,7 @@ from typing import Any, Final
 from ._blocking_common import POLL_SLICE, wait_sliced
 from ._blocking_fd import wait_fd
 from ._pidfd import open_pidfd
+from ._procfs import all_processes
 from ._token import _NEVER, CancelToken
 
 __all__ = ("Stopper", "wait_exit")
@@ -96,21 +97,10 @@ class _GroupWatch:
 
 def _live_member(pgid: int) -> bool:
     """Whether /proc shows a member of `pgid` that is not a zombie (True without /proc)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # pragma: no cover - no procfs: trust kill(0)
+    processes = all_processes()
+    if processes is None:  # pragma: no cover - no procfs: trust kill(0)
         return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return any(p.pgid == pgid and p.state != "Z" for p in processes)
 
 
 class Stopper:

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from ._exceptions import Cancelled
+from ._procfs import all_processes
 from ._stats import statistics
 from ._token import CancelSource
 
@@ -43,22 +44,8 @@ class LeakError(AssertionError):
 def _child_pids() -> set[int]:
     """This process's children, zombies included (a zombie is a child not reaped)."""
     me = os.getpid()
-    children: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # pragma: no cover - no procfs: child processes are not checked
-        return children
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == me:
-            children.add(int(entry))
-    return children
+    # Without /proc (not Linux), child processes are not checked.
+    return {p.pid for p in all_processes() or [] if p.ppid == me}
 
 
 def _idle_worker_pids() -> set[int]:

@@ -1,5 +1,5 @@
-"""What every demo case shares: run one job under bridgecancel and under today's anchor,
-cancel both at the same moment, time them, and word the row."""
+"""The demo's thread and process cases: run one job under bridgecancel and under today's
+anchor, cancel both at the same moment, time them, and word the row."""
 
 from __future__ import annotations
 
@@ -7,26 +7,20 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
-from typing import Final, Literal
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
 
 import anyio
 import anyio.to_process
 import anyio.to_thread
 
+from .._processes import run_process
 from .._stats import WorkerStatistics, statistics
+from .._threads import run_sync
 from ._work import ended_at, started
 
-__all__ = (
-    "PROCESS_ANCHOR",
-    "WORK_SECONDS",
-    "Job",
-    "Start",
-    "compare",
-    "process_anchor",
-    "thread_anchor",
-)
+__all__ = ("WORK_SECONDS", "Comparison", "Job")
 
 WORK_SECONDS: Final = 0.5
 """How long each job works when nothing stops it (what the anchors show)."""
@@ -36,7 +30,7 @@ _PATIENCE: Final = 30.0  # seconds to wait for a job to start or end before givi
 Job = Callable[[str, float], None]
 """A job from `_work`: ``job(mark, seconds)``."""
 
-Start = Callable[[Job, str], Awaitable[object]]
+Start = Callable[[Job, str], Coroutine[Any, Any, object]]
 """One way to run a job: ``await start(job, mark)`` runs ``job(mark, WORK_SECONDS)``."""
 
 
@@ -48,37 +42,44 @@ class _Side:
     ended: float | None  # until the work itself ended (None: it never said; killed)
 
 
-async def _race(job: Job, bridgecancel: Start, anchor: Start) -> tuple[_Side, _Side]:
-    """Start `job` both ways, cancel both once both run; return once both have ended."""
-    with tempfile.TemporaryDirectory(prefix="bridgecancel-demo-") as tmp:
-        marks = (os.path.join(tmp, "bridgecancel"), os.path.join(tmp, "anchor"))
-        scopes = (anyio.CancelScope(), anyio.CancelScope())
-        returned = [0.0, 0.0]
+async def _cancel_once_started(job: Job, start: Start, mark: str, *, anchor: bool) -> _Side:
+    """Run `job` one way and cancel it once it runs; return once the work has ended.
 
-        async def run(side: int, start: Start) -> None:
-            with scopes[side]:
-                await start(job, marks[side])
-            returned[side] = time.monotonic()
-
+    Each side of a case is cancelled as soon as its own job has started (a process
+    side may take longer to start than a thread side), and timed from its own cancel.
+    """
+    with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
-            group.start_soon(run, 0, bridgecancel)
-            group.start_soon(run, 1, anchor)
+            group.start_soon(start, job, mark)
             with anyio.fail_after(_PATIENCE):
-                while not all(started(mark) for mark in marks):
+                while not started(mark):
                     await anyio.sleep(0.002)
             cancelled_at = time.monotonic()
-            for scope in scopes:
-                scope.cancel()
-        # The anchor's worker may run on after its caller is back: wait for the work.
-        with anyio.fail_after(_PATIENCE):
-            while ended_at(marks[1]) is None:
-                await anyio.sleep(0.005)
-        sides = []
-        for side, mark in enumerate(marks):
-            end = ended_at(mark)
-            ended = None if end is None else max(0.0, end - cancelled_at)
-            sides.append(_Side(returned[side] - cancelled_at, ended))
-        return sides[0], sides[1]
+            scope.cancel()
+    returned = time.monotonic()
+    # An anchor's worker may run on after its caller is back: wait for the work.
+    # (bridgecancel's caller is back only once the work has ended, or was killed.)
+    with anyio.fail_after(_PATIENCE):
+        while anchor and ended_at(mark) is None:
+            await anyio.sleep(0.005)
+    end = ended_at(mark)
+    ended = None if end is None else max(0.0, end - cancelled_at)
+    return _Side(returned - cancelled_at, ended)
+
+
+async def _race(job: Job, bridgecancel: Start, anchor: Start) -> tuple[_Side, _Side]:
+    """Run `job` both ways at once, each cancelled once it runs."""
+    with tempfile.TemporaryDirectory(prefix="bridgecancel-demo-") as tmp:
+        sides: dict[str, _Side] = {}
+
+        async def run(name: str, start: Start) -> None:
+            mark = os.path.join(tmp, name)
+            sides[name] = await _cancel_once_started(job, start, mark, anchor=name == "anchor")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, "bridgecancel", bridgecancel)
+            group.start_soon(run, "anchor", anchor)
+        return sides["bridgecancel"], sides["anchor"]
 
 
 def thread_anchor(backend: str) -> tuple[str, Start]:
@@ -125,24 +126,40 @@ def _anchor_text(name: str, worker: str, side: _Side) -> str:
     return f"{name}: caller waited {back}; {worker} ran to the end"
 
 
-async def compare(
-    case: str,
-    backend: str,
-    kind: Literal["threads", "processes"],
-    job: Job,
-    bridgecancel: Start,
-    anchor: tuple[str, Start],
-    settings: str = "-",
-) -> dict[str, str]:
-    """The row of one case: `job` cancelled under bridgecancel and under `anchor`."""
-    worker = "thread" if kind == "threads" else "process"
-    before = getattr(statistics(), kind)
-    ours, theirs = await _race(job, bridgecancel, anchor[1])
-    outcome = _moved(before, getattr(statistics(), kind))
-    return {
-        "case": case,
-        "backend": backend,
-        "settings": settings,
-        "bridgecancel": f"{outcome}: caller back in {_seconds(ours.returned)}, {worker} stopped",
-        "anchor": _anchor_text(anchor[0], worker, theirs),
-    }
+@dataclass(frozen=True)
+class Comparison:
+    """A demo case: `job` under bridgecancel (with `options`) and under today's anchor.
+
+    Called as ``await comparison(backend)``, it cancels both at the same moment and
+    returns the row. Threads run with `run_sync` beside ``asyncio.to_thread`` (asyncio)
+    or ``anyio.to_thread.run_sync`` (trio); processes with `run_process` beside
+    ``anyio.to_process.run_sync``.
+    """
+
+    case: str
+    job: Job
+    kind: Literal["threads", "processes"]
+    options: Mapping[str, float] = field(default_factory=dict)
+
+    async def __call__(self, backend: str) -> dict[str, str]:
+        if self.kind == "threads":
+            run: Callable[..., Awaitable[object]] = run_sync
+            worker, anchor = "thread", thread_anchor(backend)
+        else:
+            run, worker, anchor = run_process, "process", (PROCESS_ANCHOR, process_anchor)
+
+        async def ours(job: Job, mark: str) -> None:
+            await run(job, mark, WORK_SECONDS, **self.options)
+
+        before = getattr(statistics(), self.kind)
+        mine, theirs = await _race(self.job, ours, anchor[1])
+        outcome = _moved(before, getattr(statistics(), self.kind))
+        settings = ", ".join(f"{name}={value}" for name, value in self.options.items())
+        back = _seconds(mine.returned)
+        return {
+            "case": self.case,
+            "backend": backend,
+            "settings": settings or "-",
+            "bridgecancel": f"{outcome}: caller back in {back}, {worker} stopped",
+            "anchor": _anchor_text(anchor[0], worker, theirs),
+        }

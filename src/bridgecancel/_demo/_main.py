@@ -10,7 +10,7 @@ from typing import TextIO
 import anyio
 
 from .._stats import statistics
-from ._cases import CASES, ROW_KEYS, Case
+from ._cases import CASES, ROW_KEYS, Case, describe
 
 __all__ = ("main",)
 
@@ -47,7 +47,7 @@ def _run_case(case: Case, backend: str) -> tuple[dict[str, str], bool]:
             raise ValueError(f"the case returned a row with keys {sorted(row)}")
     except Exception as exc:
         error = f"error: {type(exc).__name__}: {exc}"
-        name = case.__name__.replace("_", " ")
+        name = describe(case)
         return {
             "case": name,
             "backend": backend,
@@ -85,7 +85,7 @@ def main() -> int:
     ok = True
     for backend in backends:
         for case in CASES:
-            progress.step(f"{backend}: {case.__name__.replace('_', ' ')}")
+            progress.step(f"{backend}: {describe(case)}")
             row, ran = _run_case(case, backend)
             rows.append(row)
             ok = ok and ran
