@@ -1,5 +1,5 @@
 """The demo's thread and process cases: run one job under bridgecancel and under today's
-anchor, cancel both at the same moment, time them, and word the row."""
+anchor side by side, cancel each the moment it runs, time both, and word the row."""
 
 from __future__ import annotations
 
@@ -130,10 +130,10 @@ def _anchor_text(name: str, worker: str, side: _Side) -> str:
 class Comparison:
     """A demo case: `job` under bridgecancel (with `options`) and under today's anchor.
 
-    Called as ``await comparison(backend)``, it cancels both at the same moment and
-    returns the row. Threads run with `run_sync` beside ``asyncio.to_thread`` (asyncio)
-    or ``anyio.to_thread.run_sync`` (trio); processes with `run_process` beside
-    ``anyio.to_process.run_sync``.
+    Called as ``await comparison(backend)``, it runs both at once, cancels each as soon
+    as its job runs, and returns the row. Threads run with `run_sync` beside
+    ``asyncio.to_thread`` (asyncio) or ``anyio.to_thread.run_sync`` (trio); processes
+    with `run_process` beside ``anyio.to_process.run_sync``.
     """
 
     case: str
