@@ -8,8 +8,7 @@ from pathlib import Path
 
 USAGE = """usage: python -m bridgecancel {demo,bench}
 
-  demo   cancel thread, process and blocking work on asyncio and trio, beside the
-         anchors (asyncio.to_thread, anyio.to_thread/to_process), and show how it ended
+  demo   cancel thread and process work on asyncio and trio, and show how it ended
   bench  run the benchmarks (needs a checkout: benchmarks/run.py; extra args are passed on)
 """
 
