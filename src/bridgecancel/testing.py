@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from types import TracebackType
 from typing import Any, Final
 
@@ -55,8 +56,9 @@ def _idle_worker_pids() -> set[int]:
 
 
 def _running_jobs() -> int:
+    """Jobs running now, of every kind `statistics` counts (threads, processes, ...)."""
     stats = statistics()
-    return stats.threads.running + stats.processes.running
+    return sum(getattr(stats, kind.name).running for kind in fields(stats))
 
 
 @contextmanager
