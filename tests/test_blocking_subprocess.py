@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import time
@@ -19,6 +21,8 @@ from _blocking_harness import (
     wait_until,
 )
 from bridgecancel import Cancelled, CancelSource, _child_stop, blocking
+from bridgecancel._pidfd import open_pidfd
+from bridgecancel._procfs import all_processes
 
 # -- processes --------------------------------------------------------------------------
 
@@ -248,3 +252,26 @@ def test_stopping_a_group_that_empties_scans_no_proc(monkeypatch: pytest.MonkeyP
         worker.cancelled(source.token)
     assert proc.returncode == -signal.SIGTERM
     assert scans == []
+
+
+def test_procfs_lists_this_process_with_its_parent_and_group() -> None:
+    processes = all_processes()
+    assert processes is not None
+    me = [p for p in processes if p.pid == os.getpid()]
+    assert len(me) == 1
+    assert (me[0].ppid, me[0].pgid, me[0].state) == (os.getppid(), os.getpgrp(), "R")
+
+
+def test_pidfd_is_readable_once_the_child_exits_and_none_once_reaped() -> None:
+    proc = subprocess.Popen([PY, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    fd = open_pidfd(proc.pid)
+    assert fd is not None
+    try:
+        assert select.select([fd], [], [], 0)[0] == []
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert select.select([fd], [], [], 10)[0] == [fd]
+    finally:
+        os.close(fd)
+        proc.wait()
+    assert open_pidfd(proc.pid) is None
