@@ -662,12 +662,3 @@ def test_function_in_interactive_main_names_the_fix(anyio_backend: str) -> None:
     assert result.stdout.startswith("PicklingError")
     assert "define it in a module" in result.stdout
     assert "pip install cloudpickle" in result.stdout
-
-
-async def test_demo_process_cases() -> None:
-    from bridgecancel._proc_demo import demo_process_cases
-
-    cases = await demo_process_cases()
-    assert [ended for _, ended, _ in cases] == ["cooperative", "interrupted", "killed"]
-    assert cases[0][2] < 1.0
-    assert cases[2][2] >= 0.5  # interrupt_after + kill_after

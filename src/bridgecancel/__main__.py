@@ -29,19 +29,28 @@ def _bench(args: list[str]) -> int:
     return 2
 
 
+def _usage_error(message: str) -> int:
+    """As argparse does: usage and the error on stderr, exit status 2."""
+    print(f"{USAGE}\npython -m bridgecancel: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+    if not argv:
+        return _usage_error("a command is required (demo or bench)")
     command, rest = argv[0], argv[1:]
+    if command in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if command == "demo":
-        from ._demo import main as demo
+        if rest:
+            return _usage_error(f"demo takes no arguments, got {' '.join(rest)!r}")
+        from ._demo._main import main as demo
 
         return demo()
     if command == "bench":
         return _bench(rest)
-    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    return _usage_error(f"unknown command {command!r} (choose demo or bench)")
 
 
 if __name__ == "__main__":
