@@ -10,8 +10,8 @@ from typing import Final, Literal
 __all__ = ("Outcome", "Statistics", "WorkerStatistics", "statistics")
 
 Outcome = Literal["completed", "cooperative", "interrupted", "killed", "abandoned"]
-Kind = Literal["threads", "processes"]
-_SINGULAR: Final = {"threads": "thread", "processes": "process"}
+Kind = Literal["threads", "processes", "cluster"]
+_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
 
 logger: Final = logging.getLogger("bridgecancel")
 
@@ -46,6 +46,8 @@ class Statistics:
 
     threads: WorkerStatistics
     processes: WorkerStatistics
+    # Calls made with bridgecancel.dask: ``running`` counts calls not yet ended.
+    cluster: WorkerStatistics
 
 
 class _Counters:
@@ -53,7 +55,7 @@ class _Counters:
         self._lock = threading.Lock()
         self._counts: dict[Kind, dict[str, int]] = {
             kind: dict.fromkeys((*_OUTCOMES, "running"), 0)
-            for kind in ("threads", "processes")
+            for kind in ("threads", "processes", "cluster")
         }
 
     def started(self, kind: Kind) -> None:
@@ -66,11 +68,17 @@ class _Counters:
             counts["running"] -= 1
             counts[outcome] += 1
 
+    def dropped(self, kind: Kind) -> None:
+        """A job that left before it started: it ran nowhere, so it has no outcome."""
+        with self._lock:
+            self._counts[kind]["running"] -= 1
+
     def snapshot(self) -> Statistics:
         with self._lock:
             return Statistics(
                 threads=WorkerStatistics(**self._counts["threads"]),
                 processes=WorkerStatistics(**self._counts["processes"]),
+                cluster=WorkerStatistics(**self._counts["cluster"]),
             )
 
 

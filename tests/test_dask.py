@@ -1,0 +1,341 @@
+"""bridgecancel.dask against a real local Dask cluster of worker processes.
+
+The cluster (a scheduler and 2 worker processes with 1 thread each, on 127.0.0.1) runs in
+a child process started once for this module, so its workers, and the workers the nannies
+restart after the crash test, are grandchildren the leak check does not count; the client
+and its threads are made (and warmed up) before any test's leak snapshot.
+Tasks report to the test over loopback TCP, so the tests wait on events, not sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
+
+distributed = pytest.importorskip("distributed")
+
+import bridgecancel  # noqa: E402
+from bridgecancel import BrokenWorkerError, current_token  # noqa: E402
+from bridgecancel.dask import run_on_cluster  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+_CLUSTER_SCRIPT = """
+import sys
+from distributed import LocalCluster
+if __name__ == "__main__":
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        print(cluster.scheduler_address, flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[distributed.Client]:
+    # The workers import the tasks below from this module, as pytest does.
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER_SCRIPT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        with distributed.Client(address) as dask_client:
+            # Warm up: the plugins, and the threads the client starts on first use.
+            anyio.run(run_on_cluster, dask_client, _add, 1, 2)
+            yield dask_client
+    finally:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a stuck cluster
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+# -- tasks (run on the workers) ----------------------------------------------------------
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+def _report(port: int, message: str) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(message.encode() + b"\n")
+    return conn
+
+
+def _wait_for_cancel(port: int) -> str:
+    """Tell the test it started (and where), wait on the token, tell how it stopped."""
+    token = current_token()
+    worker = distributed.get_worker().address
+    with _report(port, f"started {worker}"):
+        pass
+    started = time.monotonic()
+    fired = token.wait(30)
+    with _report(port, f"stopped fired={fired} after={time.monotonic() - started:.3f}"):
+        pass
+    token.check()
+    return "not cancelled"
+
+
+def _ignore_token(port: int) -> tuple[int, bool]:
+    """Run to the end whatever the token says: until the test sends "go"."""
+    with _report(port, "started") as conn:
+        conn.recv(16)
+    return 42, current_token().cancel_called
+
+
+def _crash(port: int) -> None:
+    with _report(port, "started"):
+        pass
+    os._exit(3)
+
+
+def _raise_value_error() -> None:
+    raise ValueError("raised on the worker")
+
+
+async def _async_add(a: int, b: int) -> int:
+    return a + b
+
+
+def _token_facts() -> tuple[str, bool, float]:
+    token = current_token()
+    return type(token).__name__, token.cancel_called, token.deadline
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+class _Reports:
+    """Lines the tasks send to the test, with their connections."""
+
+    def __init__(self, port: int, receive: Any) -> None:
+        self.port = port
+        self._receive = receive
+
+    def pending(self) -> list[str]:
+        """The lines received and not read yet."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._receive.receive_nowait()[0])
+            except anyio.WouldBlock:
+                return lines
+
+    async def next(self) -> tuple[str, anyio.abc.SocketStream]:
+        with anyio.fail_after(20):
+            line, stream = await self._receive.receive()
+        return str(line), stream
+
+
+@asynccontextmanager
+async def _reports() -> AsyncIterator[_Reports]:
+    send, receive = anyio.create_memory_object_stream[tuple[str, Any]](100)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                data += await stream.receive()
+            await send.send((data.decode().strip(), stream))
+            await anyio.sleep_forever()  # the test may still write to it
+
+    async with listener, send, receive, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, handle, group)
+        yield _Reports(port, receive)
+        group.cancel_scope.cancel()
+
+
+async def _wait_for_workers(client: distributed.Client, count: int) -> None:
+    await anyio.to_thread.run_sync(lambda: client.wait_for_workers(count, timeout=30))
+
+
+# -- tests -------------------------------------------------------------------------------
+
+
+def test_import_bridgecancel_does_not_import_distributed() -> None:
+    code = "import sys, bridgecancel; sys.exit('distributed' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+async def test_result_and_token(client: distributed.Client) -> None:
+    assert await run_on_cluster(client, _add, 2, 3) == 5
+    name, cancel_called, deadline = await run_on_cluster(client, _token_facts)
+    assert name == "CancelToken"  # a real token, not the never-cancelled one
+    assert not cancel_called
+    assert deadline == math.inf
+
+
+async def test_cancel_by_scope_stops_task_and_frees_worker(client: distributed.Client) -> None:
+    before = bridgecancel.statistics().cluster
+    async with _reports() as reports, anyio.create_task_group() as group:
+        scope = anyio.CancelScope()
+
+        async def call() -> None:
+            with scope:
+                await run_on_cluster(client, _wait_for_cancel, reports.port)
+
+        group.start_soon(call)
+        started, _ = await reports.next()
+        worker = started.split()[1]
+        cancelled_at = time.monotonic()
+        scope.cancel()
+        stopped, _ = await reports.next()
+        assert stopped.startswith("stopped fired=True")
+    returned = time.monotonic() - cancelled_at
+    assert scope.cancelled_caught
+    assert returned < 5
+    # The worker's only thread is free: the next task there runs at once.
+    with anyio.fail_after(5):
+        assert await run_on_cluster(client, _add, 1, 1, workers=[worker]) == 2
+    after = bridgecancel.statistics().cluster
+    assert after.cooperative == before.cooperative + 1
+    assert after.running == 0
+
+
+async def test_cancel_by_deadline(
+    client: distributed.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bridgecancel")
+    async with _reports() as reports:
+        with anyio.move_on_after(1.5) as scope:
+            await run_on_cluster(client, _wait_for_cancel, reports.port)
+        started, _ = await reports.next()
+        stopped, _ = await reports.next()
+    assert scope.cancelled_caught
+    assert started.startswith("started")
+    assert stopped.startswith("stopped fired=True")
+    assert any(
+        "cluster job" in r.getMessage() and "deadline exceeded" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_cancel_by_failing_task_group(client: distributed.Client) -> None:
+    async with _reports() as reports:
+        with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
+            async with anyio.create_task_group() as group:
+
+                async def fail_when_started() -> None:
+                    await reports.next()
+                    raise KeyError("sibling failed")
+
+                group.start_soon(fail_when_started)
+                await run_on_cluster(client, _wait_for_cancel, reports.port)
+        stopped, _ = await reports.next()
+    assert stopped.startswith("stopped fired=True")
+    assert [type(e) for e in info.value.exceptions] == [KeyError]
+
+
+async def test_task_ignoring_token_delivers_result(client: distributed.Client) -> None:
+    results: list[Any] = []
+    async with _reports() as reports, anyio.create_task_group() as group:
+        scope = anyio.CancelScope()
+
+        async def call() -> None:
+            with scope:
+                results.append(await run_on_cluster(client, _ignore_token, reports.port))
+                await anyio.lowlevel.checkpoint()  # the cancellation arrives here
+                results.append("not cancelled")
+
+        group.start_soon(call)
+        _, stream = await reports.next()
+        scope.cancel()
+        await anyio.sleep(0.3)
+        assert results == []  # the call waits for the task, which runs on
+        await stream.send(b"go")
+    assert results == [(42, True)]
+    assert scope.cancelled_caught
+
+
+async def test_error_propagates_with_remote_traceback(client: distributed.Client) -> None:
+    with pytest.raises(ValueError, match="raised on the worker") as info:
+        await run_on_cluster(client, _raise_value_error)
+    assert "_raise_value_error" in "".join(traceback.format_tb(info.value.__traceback__))
+
+
+async def test_cancelled_before_start_never_starts(client: distributed.Client) -> None:
+    async def block(scope: anyio.CancelScope) -> None:
+        with scope:
+            await run_on_cluster(client, _wait_for_cancel, reports.port)
+
+    scopes = [anyio.CancelScope(), anyio.CancelScope()]
+    async with _reports() as reports, anyio.create_task_group() as group:
+        # Both workers' only threads busy, so the third call queues.
+        for scope in scopes:
+            group.start_soon(block, scope)
+        await reports.next()
+        await reports.next()
+        with anyio.move_on_after(0.3) as queued:
+            await run_on_cluster(client, _wait_for_cancel, reports.port)
+        assert queued.cancelled_caught
+        for scope in scopes:
+            scope.cancel()
+        lines = [(await reports.next())[0] for _ in range(2)]
+        # Give a wrongly started third task time to report, then check it never did.
+        await anyio.sleep(0.5)
+        lines += reports.pending()
+    assert [line.split()[0] for line in lines] == ["stopped", "stopped"], lines
+
+
+async def test_worker_death_is_one_error(client: distributed.Client) -> None:
+    async with _reports() as reports:
+        with pytest.raises(BrokenWorkerError, match="died"):
+            await run_on_cluster(client, _crash, reports.port)
+        await reports.next()
+        await anyio.sleep(0.5)
+        assert reports.pending() == []  # it ran once only
+    await _wait_for_workers(client, 2)
+    assert await run_on_cluster(client, _add, 2, 2) == 4
+
+
+async def test_bad_input(client: distributed.Client) -> None:
+    with pytest.raises(pickle.PicklingError, match="argument 0"):
+        await run_on_cluster(client, _add, threading.Lock(), 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unknown option"):
+        await run_on_cluster(client, _add, 1, 2, timeout=3)
+    with pytest.raises(TypeError, match="async function"):
+        await run_on_cluster(client, _async_add, 1, 2)
+    with pytest.raises(TypeError, match=r"distributed\.Client"):
+        await run_on_cluster(object(), _add, 1, 2)  # type: ignore[arg-type]
+    assert await run_on_cluster(client, _add, 1, 2) == 3  # nothing else affected
+
+
+async def test_closed_client(client: distributed.Client) -> None:
+    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    await anyio.to_thread.run_sync(other.close)
+    with pytest.raises(RuntimeError, match="closed"):
+        await run_on_cluster(other, _add, 1, 2)
+    assert await run_on_cluster(client, _add, 1, 2) == 3
