@@ -339,3 +339,47 @@ async def test_closed_client(client: distributed.Client) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         await run_on_cluster(other, _add, 1, 2)
     assert await run_on_cluster(client, _add, 1, 2) == 3
+
+
+async def test_client_closed_mid_call_stops_task(client: distributed.Client) -> None:
+    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    try:
+        async with _reports() as reports:
+            async with anyio.create_task_group() as group:
+
+                async def close_when_started() -> None:
+                    await reports.next()
+                    await anyio.to_thread.run_sync(other.close)
+
+                group.start_soon(close_when_started)
+                with pytest.raises(RuntimeError, match="cancelled outside this call"):
+                    await run_on_cluster(other, _wait_for_cancel, reports.port)
+            # The worker plugin saw the task's future released and fired its token.
+            stopped, _ = await reports.next()
+        assert stopped.startswith("stopped fired=True")
+    finally:
+        await anyio.to_thread.run_sync(other.close)
+
+
+async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -> None:
+    """A new client registering the plugins must not wipe the scheduler's call records."""
+    before = bridgecancel.statistics().cluster
+    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    try:
+        async with _reports() as reports, anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def call() -> None:
+                with scope:
+                    await run_on_cluster(client, _wait_for_cancel, reports.port)
+
+            group.start_soon(call)
+            await reports.next()
+            assert await run_on_cluster(other, _add, 1, 1) == 2
+            scope.cancel()
+            stopped, _ = await reports.next()
+        assert stopped.startswith("stopped fired=True")
+        # Known to have started (not dropped as never started): it waited for the stop.
+        assert bridgecancel.statistics().cluster.cooperative == before.cooperative + 1
+    finally:
+        await anyio.to_thread.run_sync(other.close)

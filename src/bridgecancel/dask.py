@@ -442,6 +442,9 @@ class _SchedulerCalls(SchedulerPlugin):
     """
 
     _FINISHED: Final = ""
+    # Registered by every client that calls run_on_cluster: keep the first instance,
+    # which holds the state of the calls in flight.
+    idempotent = True
 
     def __init__(self) -> None:
         self.calls: dict[str, str] = {}
@@ -504,6 +507,8 @@ class _SchedulerCalls(SchedulerPlugin):
 
 class _WorkerTokens(WorkerPlugin):
     """Fires a running task's token: on the scheduler's word, or if Dask releases it."""
+
+    idempotent = True
 
     def setup(self, worker: Worker) -> None:
         worker.handlers["bridgecancel_fire"] = _fire
