@@ -32,6 +32,7 @@ if sys.version_info < (3, 11):
 distributed = pytest.importorskip("distributed")
 
 import bridgecancel  # noqa: E402
+import bridgecancel._token  # noqa: E402
 from bridgecancel import BrokenWorkerError, current_token  # noqa: E402
 from bridgecancel.dask import run_on_cluster  # noqa: E402
 
@@ -107,6 +108,12 @@ def _wait_for_cancel(port: int) -> str:
     return "not cancelled"
 
 
+def _secede_then_wait(port: int) -> str:
+    """A long-running task: it leaves the worker's thread pool, then waits."""
+    distributed.secede()
+    return _wait_for_cancel(port)
+
+
 def _ignore_token(port: int) -> tuple[int, bool]:
     """Run to the end whatever the token says: until the test sends "go"."""
     with _report(port, "started") as conn:
@@ -130,7 +137,7 @@ async def _async_add(a: int, b: int) -> int:
 
 def _token_facts() -> tuple[str, bool, float]:
     token = current_token()
-    return type(token).__name__, token.cancel_called, token.deadline
+    return type(token).__name__, token.cancel_called, token.remaining()
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -192,10 +199,20 @@ def test_import_bridgecancel_does_not_import_distributed() -> None:
 
 async def test_result_and_token(client: distributed.Client) -> None:
     assert await run_on_cluster(client, _add, 2, 3) == 5
-    name, cancel_called, deadline = await run_on_cluster(client, _token_facts)
+    name, cancel_called, remaining = await run_on_cluster(client, _token_facts)
     assert name == "CancelToken"  # a real token, not the never-cancelled one
     assert not cancel_called
-    assert deadline == math.inf
+    assert remaining == math.inf
+
+
+async def test_token_deadline_is_informative(client: distributed.Client) -> None:
+    with anyio.fail_after(20):
+        _, cancel_called, remaining = await run_on_cluster(client, _token_facts)
+    assert not cancel_called
+    if hasattr(bridgecancel._token, "informative_source"):
+        assert 10 < remaining <= 20  # the caller's deadline, which never fires it
+    else:  # without informative sources, a job token carries no deadline at all
+        assert remaining == math.inf
 
 
 async def test_cancel_by_scope_stops_task_and_frees_worker(client: distributed.Client) -> None:
@@ -223,6 +240,22 @@ async def test_cancel_by_scope_stops_task_and_frees_worker(client: distributed.C
     after = bridgecancel.statistics().cluster
     assert after.cooperative == before.cooperative + 1
     assert after.running == 0
+
+
+async def test_cancel_seceded_task(client: distributed.Client) -> None:
+    async with _reports() as reports:
+        with anyio.move_on_after(20) as scope:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_when_started() -> None:
+                    await reports.next()
+                    scope.cancel()
+
+                group.start_soon(cancel_when_started)
+                await run_on_cluster(client, _secede_then_wait, reports.port)
+        stopped, _ = await reports.next()
+    assert scope.cancelled_caught
+    assert stopped.startswith("stopped fired=True")
 
 
 async def test_cancel_by_deadline(

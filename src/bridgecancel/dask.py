@@ -90,6 +90,10 @@ _LOST: Final = "lost"
 # worker that picks one up late (its release still on the wire) does not run it.
 _TOMBSTONE_SECONDS: Final = 300.0
 
+# A scheduler without our plugin never answers a claim (Dask logs the unknown handler
+# and drops the message), so a task waits this long before saying so.
+_CLAIM_TIMEOUT: Final = 30.0
+
 
 # -- the caller's side -------------------------------------------------------------------
 
@@ -517,7 +521,7 @@ class _WorkerTokens(WorkerPlugin):
         worker.handlers.pop("bridgecancel_fire", None)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if start == "executing" and finish in ("released", "cancelled"):
+        if start in ("executing", "long-running") and finish in ("released", "cancelled"):
             _fire(str(key), "the task's Dask future was released")
 
 
@@ -584,7 +588,16 @@ def _run_task(
         claim = asyncio.run_coroutine_threadsafe(
             _claim(worker, key), _asyncio_loop(worker)
         )
-        verdict = claim.result()
+        try:
+            verdict = claim.result(_CLAIM_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            claim.cancel()
+            raise RuntimeError(
+                f"the Dask scheduler did not answer {worker.address} within "
+                f"{_CLAIM_TIMEOUT:g} s about starting {_describe(func)}: it has no "
+                "bridgecancel plugin (was it restarted?); call run_on_cluster() with a new "
+                "Client to register it"
+            ) from None
         if verdict == _NOT_STARTED:
             return _Stopped(CALLER_CANCELLED)
         if verdict == _LOST:
