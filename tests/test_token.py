@@ -638,7 +638,7 @@ def test_callbacks_run_outside_any_lock() -> None:
     nested: list[str] = []
 
     def callback() -> None:
-        seen["token lock held"] = token._lock.locked()
+        seen["token lock held"] = _token._setup_lock.locked()
         seen["reason"] = token.reason
         seen["waited"] = token.wait(0)
         try:
@@ -1338,3 +1338,196 @@ def test_deadlines_fire_in_a_forked_child() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         pending.close()
+
+
+# -- the token internals the bridge relies on -----------------------------------------
+
+
+def test_cancel_called_is_a_plain_slot_users_cannot_assign() -> None:
+    token = CancelSource().token
+    # A member descriptor of __slots__: reading it runs no Python code and no C getter.
+    owner = next(k for k in CancelToken.__mro__ if "cancel_called" in vars(k))
+    descriptor = vars(owner)["cancel_called"]
+    assert type(descriptor).__name__ == "member_descriptor"
+    with pytest.raises(AttributeError, match="read-only"):
+        token.cancel_called = True  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="read-only"):
+        token._reason = "forged"  # type: ignore[misc]
+    assert token.cancel_called is False
+    assert token.reason is None
+
+
+def test_tokens_cannot_be_made_directly() -> None:
+    with pytest.raises(TypeError, match="CancelSource"):
+        CancelToken()
+
+
+def test_cancel_detached_wakes_every_waiter_in_the_calling_thread(
+    unraisable: list[Any],
+) -> None:
+    source = CancelSource()
+    token = source.token
+    child = token.child()
+    follower = any_of(token)
+    caller = threading.get_ident()
+    inline: list[int] = []
+    user: list[int] = []
+    token._on_cancel_inline(lambda: inline.append(threading.get_ident()))
+    child.token._on_cancel_inline(lambda: inline.append(threading.get_ident()))
+    user_ran = threading.Event()
+
+    def user_callback() -> None:
+        user.append(threading.get_ident())
+        user_ran.set()
+
+    token.on_cancel(user_callback)
+    waiter_woke = threading.Event()
+    waiter = _in_thread(lambda: token.wait() and waiter_woke.set())
+    fd = token.fileno()
+
+    source._cancel_detached("scope cancelled")
+
+    # All of this holds the moment the call returns, before any other thread ran.
+    assert token.cancel_called
+    assert token.reason == "scope cancelled"
+    assert child.cancel_called
+    assert child.token.reason == "scope cancelled"
+    assert follower.cancel_called
+    assert inline == [caller, caller]
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    _join(waiter)
+    assert waiter_woke.is_set()
+    assert user_ran.wait(PATIENCE)
+    assert user != [caller]
+    assert unraisable == []
+
+
+def test_cancel_detached_runs_user_callbacks_of_followers_off_the_caller() -> None:
+    source = CancelSource()
+    child = source.token.child()
+    threads: list[str] = []
+    done = threading.Event()
+    child.token.on_cancel(lambda: (threads.append(threading.current_thread().name), done.set()))
+    source._cancel_detached("x")
+    assert done.wait(PATIENCE)
+    assert threads == ["bridgecancel callbacks"]
+
+
+def test_cancel_detached_sends_callback_errors_to_the_hook_and_never_raises(
+    unraisable: list[Any],
+) -> None:
+    source = CancelSource()
+    ran = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("callback failed")
+
+    source.token.on_cancel(ran.set)
+    source.token.on_cancel(fail)  # newest first: fails, then ran.set still runs
+    source._cancel_detached("x")
+    assert ran.wait(PATIENCE)
+    deadline = time.monotonic() + PATIENCE
+    while not unraisable and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert [type(u.exc_value) for u in unraisable] == [ValueError]
+    assert unraisable[0].object is source.token
+
+
+def test_cancel_detached_never_blocks_on_a_slow_user_callback() -> None:
+    source = CancelSource()
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow() -> None:
+        started.set()
+        release.wait(PATIENCE)
+
+    source.token.on_cancel(slow)
+    before = time.monotonic()
+    source._cancel_detached("x")
+    assert time.monotonic() - before < PROMPT
+    assert started.wait(PATIENCE)  # it runs, elsewhere
+    release.set()
+    for thread in threading.enumerate():
+        if thread.name == "bridgecancel callbacks":
+            thread.join(PATIENCE)
+
+
+def test_cancel_detached_is_idempotent_and_the_first_reason_wins() -> None:
+    source = CancelSource()
+    calls: list[str] = []
+    done = threading.Event()
+    source.token.on_cancel(lambda: (calls.append("ran"), done.set()))
+    source.cancel("first")
+    source._cancel_detached("second")
+    source._cancel_detached("third")
+    assert done.wait(PATIENCE)
+    assert calls == ["ran"]
+    assert source.token.reason == "first"
+
+
+def test_informative_source_reports_its_deadline_but_never_fires_by_itself(
+    no_timer: None,
+) -> None:
+    deadline = time.monotonic() + 0.05
+    source = _token.informative_source(deadline)
+    token = source.token
+    assert token.deadline == deadline == source.deadline
+    assert 0 < token.remaining() <= 0.05
+    assert _token._timer.pending() == 0  # no timer entry
+    assert not token.wait(0.2)  # well past the deadline
+    assert token.remaining() == 0.0
+    assert not token.cancel_called
+    source.cancel("the caller's scope")
+    assert token.cancel_called
+    assert token.reason == "the caller's scope"
+
+
+def test_informative_source_past_deadline_is_not_cancelled() -> None:
+    source = _token.informative_source(time.monotonic() - 1)
+    assert not source.token.cancel_called
+    assert source.token.remaining() == 0.0
+
+
+def test_child_of_an_informative_token_fires_at_its_own_deadline_only() -> None:
+    parent = _token.informative_source(time.monotonic() - 1)  # already "passed"
+    plain = parent.token.child()
+    assert plain.token.deadline == parent.token.deadline  # reported
+    own = time.monotonic() + 0.05
+    timed = parent.token.child(deadline=own)
+    assert timed.token.deadline == parent.token.deadline  # the earlier, reported
+    assert timed.token.wait(PATIENCE)  # fires at its own deadline
+    assert timed.token.reason == "deadline exceeded"
+    assert not plain.token.cancel_called
+    assert not parent.token.cancel_called
+    parent.cancel("scope")
+    assert plain.token.cancel_called
+    assert plain.token.reason == "scope"
+    plain.close()
+    timed.close()
+
+
+def test_informative_source_checks_its_deadline() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        _token.informative_source(math.nan)
+    with pytest.raises(TypeError, match="monotonic"):
+        _token.informative_source("soon")  # type: ignore[arg-type]
+
+
+def test_any_of_an_informative_token_reports_but_does_not_fire_at_its_deadline() -> None:
+    informative = _token.informative_source(time.monotonic() - 1)
+    combined = any_of(informative.token)
+    assert combined.token.deadline == informative.token.deadline
+    assert not combined.token.wait(0.05)
+    informative.cancel("scope")
+    assert combined.cancel_called
+    combined.close()
+
+
+def test_an_inline_registration_can_be_unregistered() -> None:
+    source = CancelSource()
+    ran: list[str] = []
+    registration = source.token._on_cancel_inline(ran.append, "inline")
+    assert registration.unregister() is True
+    source._cancel_detached("x")
+    assert ran == []

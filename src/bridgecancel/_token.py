@@ -6,21 +6,22 @@ A token's state lives on the token; a source is the right to fire it.
 
 from __future__ import annotations
 
-import heapq
 import math
-import operator
 import os
 import sys
 import threading
 import time
-import traceback
 import weakref
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
 from contextvars import ContextVar
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
 from ._exceptions import Cancelled
+from ._token_daemons import Entry, report_unraisable
+from ._token_daemons import runner as _runner
+from ._token_daemons import timer as _timer
 
 if sys.version_info >= (3, 11):
     from typing import Self, TypeVarTuple, Unpack
@@ -64,38 +65,30 @@ def _check_seconds(seconds: float) -> float:
     return seconds
 
 
-def _report_unraisable(exc: BaseException, message: str, obj: object) -> None:
-    """Hand a callback error nobody can catch to ``sys.unraisablehook``.
+# Kept under its older name for modules that import it from here.
+_report_unraisable = report_unraisable
 
-    The hook's argument type cannot be built from Python, so the default hook is
-    replaced by an equivalent print; custom hooks (pytest's, an app's) get an object
-    with the same attributes.
-    """
-    # Never raise: in the timer thread an error here would kill the thread, and no
-    # later deadline would fire.
-    if sys.unraisablehook is not sys.__unraisablehook__:
-        try:
-            sys.unraisablehook(
-                SimpleNamespace(
-                    exc_type=type(exc),
-                    exc_value=exc,
-                    exc_traceback=exc.__traceback__,
-                    err_msg=message,
-                    object=obj,
-                )
-            )
-            return
-        except BaseException as hook_exc:  # as CPython does when the hook fails
-            _print_unraisable(hook_exc, "Exception ignored in sys.unraisablehook", obj)
-    _print_unraisable(exc, message, obj)
+# What `on_cancel` registrations are, as values in a token's callbacks dict.
+_USER: Final = 1  # a user's callback: with `_cancel_detached`, runs in the runner thread
+_INLINE: Final = 2  # bridgecancel's own quick, non-blocking wake-up: runs in the canceller
+_FOLLOWER: Final = 3  # a child or `any_of` source: fires in the same way as this token
+
+# Writes to a token's private slots (users cannot assign to a token's attributes).
+_set = object.__setattr__
+# Held only to create a token's pipe or change its deadline: never by code that fires a
+# token, so a signal handler that cancels can never wait for it.
+_setup_lock = threading.Lock()
 
 
-def _print_unraisable(exc: BaseException, message: str, obj: object) -> None:
-    try:
-        print(f"{message}: {obj!r}", file=sys.stderr)
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    except BaseException:  # no usable stderr: nowhere left to report to
-        pass
+def _after_fork() -> None:
+    global _setup_lock  # another thread may have held it at the fork
+    _setup_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_after_fork)
+
+Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
 
 
 @final
@@ -110,8 +103,7 @@ class Registration:
     def __init__(
         self, token: CancelToken | None, fn: Callable[..., object], args: tuple[Any, ...]
     ) -> None:
-        # _token is None once the callback ran, is running, or was unregistered.
-        self._token = token
+        self._token = token  # None once it ran, is running, or was unregistered
         self._fn = fn
         self._args = args
 
@@ -125,12 +117,10 @@ class Registration:
         token = self._token
         if token is None:
             return False
-        with token._lock:
-            callbacks = token._callbacks
-            if self._token is None or callbacks is None or self not in callbacks:
-                return False
-            del callbacks[self]
-            self._token = None
+        # Whoever pops a registration from the dict runs or drops it: exactly once.
+        if not token._callbacks.pop(self, 0):
+            return False
+        self._token = None
         return True
 
     def __enter__(self) -> Self:
@@ -145,40 +135,91 @@ class Registration:
         self.unregister()
 
 
-@final
-class CancelToken:
-    """A read-only view of a cancellation: safe to hand to any code, in any thread.
+class _TokenFields:
+    """A token's storage. `_new_token` fills it with plain stores (cheap: every job
+    makes a token), then makes it a `CancelToken`, which refuses assignment; this module
+    changes it later through `_set`."""
 
-    Get one from `CancelSource.token`, or `current_token()` inside a worker.
-    """
-
+    # State changes are single atomic operations (a slot store, a dict pop or
+    # setdefault, a lock release), never a lock a canceller waits on: the thread that
+    # fires a token may be a signal handler that interrupted this token's own code.
     __slots__ = (
         "_callbacks",
+        "_claim",
         "_deadline",
-        "_event",
         "_fds",
-        "_fired",
-        "_lock",
+        "_fires_at",
+        "_gate",
         "_never",
         "_reason",
         "_timer_entry",
         "__weakref__",
+        "cancel_called",
     )
 
-    def __init__(self, deadline: float, *, _never: bool = False) -> None:
-        self._fired = False
-        self._reason: str | None = None
-        self._deadline = deadline
-        self._lock = threading.Lock()
-        # Insertion-ordered; None once fired (the firing thread took them).
-        self._callbacks: dict[Registration, None] | None = {}
-        self._event: threading.Event | None = None
-        self._fds: tuple[int, int] | None = None
-        self._timer_entry: list[Any] | None = None
-        self._never = _never
+    # Registration -> _USER, _INLINE or _FOLLOWER, insertion-ordered.
+    _callbacks: dict[Registration, int]
+    # The first firer's (reason,) under key None: dict.setdefault is atomic.
+    _claim: dict[None, tuple[str | None]]
+    _deadline: float  # what the token reports
+    _fds: tuple[int, int] | None
+    _fires_at: float  # when it fires by itself
+    _gate: Any  # a _thread.lock: locked until the token fires, then passed on by waiters
+    _never: bool
+    _reason: str | None
+    _timer_entry: Entry | None
+
+
+def _new_token(deadline: float, never: bool = False) -> CancelToken:
+    fields = _TokenFields()
+    _set(fields, "cancel_called", False)
+    fields._reason = None
+    fields._deadline = fields._fires_at = deadline
+    fields._callbacks = {}
+    fields._claim = {}
+    gate = fields._gate = _allocate_lock()
+    gate.acquire()
+    fields._fds = None
+    fields._timer_entry = None
+    fields._never = never
+    fields.__class__ = CancelToken  # same layout: CancelToken adds no slots
+    return fields  # type: ignore[return-value]
+
+
+@final
+class CancelToken(_TokenFields):
+    """A read-only view of a cancellation: safe to hand to any code, in any thread.
+
+    Get one from `CancelSource.token`, or `current_token()` inside a worker. Firing it
+    takes no lock, so a signal handler may cancel its source at any instant.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        @property
+        def cancel_called(self) -> bool:
+            """True once cancelled or once the deadline has passed; never goes back.
+
+            A plain attribute read (no call, no lock, no clock): cheaper than
+            ``threading.Event.is_set()``, for hot loops.
+            """
+
+    def __new__(cls, *args: object, **kwargs: object) -> CancelToken:
+        raise TypeError(
+            "CancelToken cannot be created directly: make a CancelSource and use its "
+            ".token, or call current_token()"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"CancelToken is read-only: cannot set {name!r}; cancel it through its "
+            "CancelSource"
+        )
 
     def __repr__(self) -> str:
-        if self._fired:
+        if self.cancel_called:
             state = f"cancelled, reason={self._reason!r}"
         elif self._never:
             state = "never cancelled"
@@ -190,19 +231,12 @@ class CancelToken:
 
     # -- reading ----------------------------------------------------------------------
 
-    # Workers read this in hot loops: a property whose getter is C code (attrgetter)
-    # costs what threading.Event.is_set() does, a Python getter about 40% more.
-    if TYPE_CHECKING:
+    # `cancel_called` is a plain slot: workers read it in hot loops, and a slot read
+    # costs a fraction of threading.Event.is_set().
 
-        @property
-        def cancel_called(self) -> bool:
-            """True once cancelled or once the deadline has passed; never goes back."""
-
-    else:
-        cancel_called = property(
-            operator.attrgetter("_fired"),
-            doc="True once cancelled or once the deadline has passed; never goes back.",
-        )
+    @property
+    def _fired(self) -> bool:  # the older private name, still read by other modules
+        return self.cancel_called
 
     @property
     def reason(self) -> str | None:
@@ -223,38 +257,31 @@ class CancelToken:
 
     def check(self) -> None:
         """Raise `Cancelled` if this token has fired; otherwise return at once."""
-        if self._fired:
+        if self.cancel_called:
             raise Cancelled._create(self, self._reason)
 
     # -- waiting ----------------------------------------------------------------------
-
-    def _get_event(self) -> threading.Event:
-        event = self._event
-        if event is None:
-            # Allocate outside the lock: a garbage collection run by any allocation may
-            # call a collected child's weakref callback, which takes this lock.
-            new = threading.Event()
-            with self._lock:
-                event = self._event
-                if event is None:
-                    event = self._event = new
-                    if self._fired:
-                        event.set()
-        return event
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the token fires (True) or `timeout` seconds pass (False).
 
         Event-driven: it wakes as soon as `cancel` is called, without polling.
         """
-        if self._fired:
+        if self.cancel_called:
             return True
-        if timeout is not None:
-            if math.isnan(timeout):
-                raise ValueError("timeout is NaN: pass seconds as a number, or None")
-            if timeout > threading.TIMEOUT_MAX:  # math.inf: Event.wait would overflow
-                timeout = None
-        return self._get_event().wait(timeout)
+        if timeout is None:
+            timeout = -1
+        elif math.isnan(timeout):
+            raise ValueError("timeout is NaN: pass seconds as a number, or None")
+        elif timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
+            timeout = -1
+        elif timeout <= 0:
+            return False
+        gate = self._gate
+        if gate.acquire(True, timeout):
+            gate.release()  # pass it on to the next waiter
+            return True
+        return self.cancel_called
 
     def sleep(self, seconds: float) -> None:
         """Sleep like `time.sleep`, but raise `Cancelled` as soon as the token fires."""
@@ -271,16 +298,18 @@ class CancelToken:
         """
         fds = self._fds
         if fds is None:
-            new = os.pipe()  # outside the lock, as in _get_event
+            new = os.pipe()
             os.set_blocking(new[1], False)
-            with self._lock:
+            with _setup_lock:
                 fds = self._fds
                 if fds is None:
-                    fds = self._fds = new
-                    if self._fired:
-                        os.write(fds[1], b"\0")
+                    fds = new
+                    _set(self, "_fds", fds)
             if fds is new:
                 weakref.finalize(self, _close_fds, fds)
+                # After publishing: a firer either saw the pipe or set the flag first.
+                if self.cancel_called:
+                    _poke(fds)
             else:
                 _close_fds(new)
         return fds[0]
@@ -292,23 +321,37 @@ class CancelToken:
     ) -> Registration:
         """Run ``fn(*args)`` once when the token fires.
 
-        The callback runs in the thread that fires the token, outside any lock, newest
-        registration first; it may use the token and register more callbacks. If the
-        token has already fired, it runs at once in the caller. Errors from callbacks
-        surface together from `CancelSource.cancel` as an exception group.
+        The callback runs in the thread that fires the token (the deadline timer's
+        thread for a deadline; bridgecancel's callback thread when the bridge cancels
+        a job for its caller), outside any lock, newest registration first; it may use
+        the token and register more callbacks. If the token has already fired, it runs
+        at once in the caller. Errors from callbacks surface together from
+        `CancelSource.cancel` as an exception group (otherwise they go to
+        ``sys.unraisablehook``).
         """
         if not callable(fn):
             raise TypeError(f"on_cancel() needs a callable, got {fn!r}")
+        return self._register(fn, args, _USER)
+
+    def _on_cancel_inline(self, fn: Callable[..., object], *args: Any) -> Registration:
+        """`on_cancel` for bridgecancel's own wake-ups, which run in the cancelling
+        thread even for `CancelSource._cancel_detached`. `fn` must be quick, never block
+        and never raise."""
+        return self._register(fn, args, _INLINE)
+
+    def _register(
+        self, fn: Callable[..., object], args: tuple[Any, ...], kind: int
+    ) -> Registration:
         registration = Registration(self, fn, args)
         if self._never:
             return registration
-        with self._lock:
-            callbacks = self._callbacks
-            if callbacks is not None:
-                callbacks[registration] = None
-                return registration
-        registration._token = None
-        fn(*args)
+        callbacks = self._callbacks
+        callbacks[registration] = kind
+        # After publishing: the firer either took it from the dict, or set the flag
+        # before and one of us pops it now.
+        if self.cancel_called and callbacks.pop(registration, 0):
+            registration._token = None
+            fn(*args)
         return registration
 
     def child(self, *, deadline: float = math.inf) -> CancelSource:
@@ -317,95 +360,108 @@ class CancelToken:
         Its deadline is the earlier of `deadline` and this token's. Close the child
         (or use it as a context manager) when done, so this token forgets it.
         """
-        deadline = min(_check_deadline(deadline), self._deadline)
-        source = CancelSource(deadline=deadline)
+        deadline = _check_deadline(deadline)
+        source = CancelSource(deadline=min(deadline, self._fires_at))
+        if self._deadline < source._token._deadline:
+            _set(source._token, "_deadline", self._deadline)  # reported, never fired at
         if not self._never:
             source._follow(self)
         return source
 
     # -- firing (the source's side) ---------------------------------------------------
 
-    def _fire(self, reason: str | None) -> list[BaseException]:
-        """Fire the token; return the errors its callbacks raised."""
-        with self._lock:
-            if self._fired:
-                return []
-            self._reason = reason
-            self._fired = True
-            callbacks = self._callbacks
-            self._callbacks = None
-            event = self._event
-            fds = self._fds
-            entry = self._timer_entry
-            self._timer_entry = None
-        if event is not None:
-            event.set()
+    def _fire(self, reason: str | None, deferred: Deferred | None) -> list[BaseException]:
+        """Fire the token; return the errors its callbacks raised.
+
+        With `deferred`, user callbacks (this token's and its followers') are appended
+        to it rather than run. Takes no lock: safe in a signal handler that interrupted
+        any of this token's methods.
+        """
+        if self.cancel_called:
+            return []
+        mine = (reason,)
+        first = self._claim.setdefault(None, mine)
+        # Every caller stores the same first reason before the flag, so once any
+        # cancel() returns the token reads as cancelled, with its first reason.
+        _set(self, "_reason", first[0])
+        _set(self, "cancel_called", True)
+        if first is not mine:
+            return []
+        self._gate.release()
+        fds = self._fds
         if fds is not None:
-            os.write(fds[1], b"\0")
+            _poke(fds)
+        entry = self._timer_entry
         if entry is not None:
             _timer.discard(entry)
         errors: list[BaseException] = []
-        if callbacks:
-            for registration in reversed(list(callbacks)):
-                fn, args = registration._fn, registration._args
-                registration._token = None
+        callbacks = self._callbacks
+        # Registrations added from now on see the flag and run themselves.
+        for registration in reversed(list(callbacks)):
+            kind = callbacks.pop(registration, 0)
+            if not kind:
+                continue  # unregistered, or run by on_cancel, meanwhile
+            fn, args = registration._fn, registration._args
+            registration._token = None
+            if kind == _FOLLOWER:
+                follower = args[0]()
+                if follower is not None:
+                    errors += follower._token._fire(first[0], deferred)
+            elif kind == _USER and deferred is not None:
+                deferred.append((self, fn, args))
+            else:
                 try:
                     fn(*args)
                 except BaseException as exc:  # every callback runs; errors go together
                     errors.append(exc)
         return errors
 
-    def _fire_for_deadline(self) -> None:
-        for exc in self._fire(DEADLINE_REASON):
-            _report_unraisable(exc, "Exception in on_cancel callback", self)
+    def _fire_for_deadline(self, entry: Entry) -> None:
+        """Called by the timer thread; callbacks run in it, errors to the hook."""
+        if self._timer_entry is entry:  # not closed or moved meanwhile
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
 
     def _set_deadline(self, deadline: float) -> None:
         deadline = _check_deadline(deadline)
-        with self._lock:
-            if self._fired:
-                self._deadline = deadline
-                return
-            self._deadline = deadline
+        with _setup_lock:
+            _set(self, "_deadline", deadline)
+            _set(self, "_fires_at", deadline)
             old = self._timer_entry
-            self._timer_entry = None
-        if old is not None:
-            _timer.discard(old)
-        if deadline == math.inf:
-            return
-        if deadline <= time.monotonic():
-            self._fire_for_deadline()
-            return
-        entry = _timer.schedule(self, deadline)
-        with self._lock:
-            if self._fired or self._deadline != deadline or self._timer_entry is not None:
-                stale = True
-            else:
-                self._timer_entry = entry
-                stale = False
-        if stale:
-            _timer.discard(entry)
+            if old is not None:
+                _timer.discard(old)
+                _set(self, "_timer_entry", None)
+            if self.cancel_called or deadline == math.inf:
+                return
+            passed = deadline <= time.monotonic()
+            if not passed:
+                _set(self, "_timer_entry", _timer.schedule(self, deadline))
+        if passed:
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
 
     def _drop_callbacks(self) -> None:
-        if not self._callbacks and self._timer_entry is None:
-            # Nothing to drop (the common case when a run_sync call ends). A callback or
-            # deadline being added right now races with close() either way.
-            return
-        empty: dict[Registration, None] = {}  # allocated outside the lock
-        with self._lock:
-            callbacks = self._callbacks
-            if callbacks is not None:
-                for registration in callbacks:
-                    registration._token = None
-                self._callbacks = empty
-            entry = self._timer_entry
-            self._timer_entry = None
+        entry = self._timer_entry
         if entry is not None:
+            _set(self, "_timer_entry", None)
             _timer.discard(entry)
+        callbacks = self._callbacks
+        if callbacks:
+            for registration in list(callbacks):
+                if callbacks.pop(registration, 0):
+                    registration._token = None
 
 
 def _close_fds(fds: tuple[int, int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def _poke(fds: tuple[int, int]) -> None:
+    try:
+        os.write(fds[1], b"\0")
+    except OSError:  # full (it is readable already) or closed (nobody selects on it)
+        pass
 
 
 @final
@@ -419,7 +475,7 @@ class CancelSource:
     __slots__ = ("_parents", "_token", "__weakref__")
 
     def __init__(self, *, deadline: float = math.inf) -> None:
-        self._token = CancelToken(math.inf)
+        self._token = _new_token(math.inf)
         self._parents: list[Registration] = []
         if deadline is not math.inf:
             # Every run_sync call makes a source: the default (no deadline) skips this.
@@ -436,11 +492,14 @@ class CancelSource:
     @property
     def cancel_called(self) -> bool:
         """True once the token has fired."""
-        return self._token._fired
+        return self._token.cancel_called
 
     @property
     def deadline(self) -> float:
-        """When the token fires by itself, in `time.monotonic` terms (`math.inf`: never)."""
+        """The token's deadline in `time.monotonic` terms (`math.inf`: none).
+
+        Setting it makes the token fire by itself when that time comes.
+        """
         return self._token._deadline
 
     @deadline.setter
@@ -455,12 +514,30 @@ class CancelSource:
     def cancel(self, reason: str | None = None) -> None:
         """Fire the token. Idempotent and thread-safe; the first reason wins.
 
+        The token's callbacks, and those of its children, run in the calling thread
+        before this returns. Safe to call from a signal handler (see the concepts page
+        of the docs): it takes no lock.
+
         Raises:
             BaseExceptionGroup: if any `on_cancel` callbacks raised; all of them ran.
         """
-        errors = self._token._fire(reason)
+        errors = self._token._fire(reason, None)
         if errors:
             raise BaseExceptionGroup("errors raised by on_cancel callbacks", errors)
+
+    def _cancel_detached(self, reason: str | None) -> None:
+        """`cancel`, but user callbacks run in bridgecancel's callback thread.
+
+        The calling thread (the event loop's, for the bridge) only sets the flag and
+        wakes every waiter: `CancelToken.wait`, `fileno`, the `bridgecancel.blocking`
+        waits and the tokens that follow this one. Errors go to ``sys.unraisablehook``.
+        Never raises and never runs user code.
+        """
+        deferred: Deferred = []
+        for exc in self._token._fire(reason, deferred):  # from internal wake-ups only
+            report_unraisable(exc, "Exception in an internal on_cancel callback", self)
+        if deferred:
+            _runner.submit(deferred)
 
     def close(self) -> None:
         """Detach from parent tokens and drop callbacks, without cancelling."""
@@ -489,15 +566,28 @@ class CancelSource:
                 registration.unregister()
 
         ref = weakref.ref(self, forget)
-        registration = parent.on_cancel(_cancel_follower, ref, parent)
+        registration = parent._register(_cancel_follower, (ref, parent), _FOLLOWER)
         holder.append(registration)
         self._parents.append(registration)
 
 
 def _cancel_follower(ref: weakref.ref[CancelSource], parent: CancelToken) -> None:
+    # Runs only if the parent had fired when the follower registered (see _fire).
     source = ref()
     if source is not None:
         source.cancel(parent._reason)
+
+
+def informative_source(deadline: float) -> CancelSource:
+    """A source whose token reports `deadline` but never fires by itself at it.
+
+    For a job's token: the caller's scope is what cancels it, so a deadline the caller
+    has since pushed back never stops the job. ``token.child(deadline=d)`` fires at its
+    own `d` only.
+    """
+    source = CancelSource()
+    _set(source._token, "_deadline", _check_deadline(deadline))
+    return source
 
 
 def any_of(*tokens: CancelToken) -> CancelSource:
@@ -508,111 +598,19 @@ def any_of(*tokens: CancelToken) -> CancelSource:
                 f"any_of() takes CancelToken objects, got {token!r}; "
                 "pass source.token rather than the source"
             )
-    deadline = min((token._deadline for token in tokens), default=math.inf)
-    source = CancelSource(deadline=deadline)
+    source = CancelSource(deadline=min((t._fires_at for t in tokens), default=math.inf))
+    reported = min((token._deadline for token in tokens), default=math.inf)
+    if reported < source._token._deadline:
+        _set(source._token, "_deadline", reported)
     for token in tokens:
         if not token._never:
             source._follow(token)
     return source
 
 
-# -- the deadline timer ---------------------------------------------------------------
-
-
-class _DeadlineTimer:
-    """One daemon thread that fires tokens whose deadline passed.
-
-    It exists only while some deadline is pending, so reading `cancel_called` never has
-    to consult the clock. Entries are ``[deadline, seq, weakref(token), live]``.
-    """
-
-    def __init__(self) -> None:
-        # Reentrant: a token with a pending deadline may be collected by a garbage
-        # collection that an allocation made while this lock is held, and its weakref
-        # callback (_forget) then takes the lock again in the same thread.
-        self._cond = threading.Condition(threading.RLock())
-        self._heap: list[list[Any]] = []
-        self._live = 0
-        self._seq = 0
-        self._thread: threading.Thread | None = None
-
-    def _after_fork(self) -> None:
-        # In a forked child the timer thread is gone (and its lock may be held by a
-        # thread that no longer exists): start afresh, keeping the pending deadlines.
-        self._cond = threading.Condition(threading.RLock())
-        self._thread = None
-        if self._live:
-            self._start()
-
-    def _start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name="bridgecancel deadline timer", daemon=True
-        )
-        self._thread.start()
-
-    def schedule(self, token: CancelToken, deadline: float) -> list[Any]:
-        with self._cond:
-            self._seq += 1
-            entry = [deadline, self._seq, weakref.ref(token, self._forget), True]
-            heapq.heappush(self._heap, entry)
-            self._live += 1
-            if self._thread is None:
-                self._start()
-            elif self._heap[0] is entry:
-                self._cond.notify()
-        return entry
-
-    def discard(self, entry: list[Any]) -> None:
-        with self._cond:
-            if entry[3]:
-                entry[3] = False
-                self._live -= 1
-                if self._live == 0:
-                    self._cond.notify()
-
-    def _forget(self, ref: weakref.ref[CancelToken]) -> None:
-        # A token with a pending deadline was garbage collected.
-        with self._cond:
-            for entry in self._heap:
-                if entry[2] is ref and entry[3]:
-                    entry[3] = False
-                    self._live -= 1
-            if self._live == 0:
-                self._cond.notify()
-
-    def pending(self) -> int:
-        with self._cond:
-            return self._live
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                heap = self._heap
-                while True:
-                    while heap and not heap[0][3]:
-                        heapq.heappop(heap)
-                    if not heap:
-                        self._thread = None
-                        return
-                    delay = heap[0][0] - time.monotonic()
-                    if delay <= 0:
-                        break
-                    self._cond.wait(delay)
-                entry = heapq.heappop(heap)
-                entry[3] = False
-                self._live -= 1
-            token = entry[2]()
-            if token is not None:
-                token._fire_for_deadline()
-
-
-_timer = _DeadlineTimer()
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_timer._after_fork)
-
 # -- the current token ----------------------------------------------------------------
 
-_NEVER: Final = CancelToken(math.inf, _never=True)
+_NEVER: Final = _new_token(math.inf, never=True)
 _current: ContextVar[CancelToken] = ContextVar("bridgecancel_current_token")
 
 
@@ -628,5 +626,5 @@ def current_token() -> CancelToken:
 def check_cancelled() -> None:
     """Raise `Cancelled` if the current job's token has fired (see `current_token`)."""
     token = _current.get(_NEVER)
-    if token._fired:
+    if token.cancel_called:
         raise Cancelled._create(token, token._reason)
