@@ -32,7 +32,6 @@ if sys.version_info < (3, 11):
 distributed = pytest.importorskip("distributed")
 
 import bridgecancel  # noqa: E402
-import bridgecancel._token  # noqa: E402
 from bridgecancel import BrokenWorkerError, current_token  # noqa: E402
 from bridgecancel.dask import run_on_cluster  # noqa: E402
 
@@ -209,10 +208,26 @@ async def test_token_deadline_is_informative(client: distributed.Client) -> None
     with anyio.fail_after(20):
         _, cancel_called, remaining = await run_on_cluster(client, _token_facts)
     assert not cancel_called
-    if hasattr(bridgecancel._token, "informative_source"):
-        assert 10 < remaining <= 20  # the caller's deadline, which never fires it
-    else:  # without informative sources, a job token carries no deadline at all
-        assert remaining == math.inf
+    assert 10 < remaining <= 20  # the caller's deadline (informative: see below)
+
+
+async def test_deadline_pushed_back_never_stops_task(client: distributed.Client) -> None:
+    """Only the caller's scope fires the token, never the deadline it had at the start."""
+    async with _reports() as reports:
+        with anyio.CancelScope(deadline=anyio.current_time() + 1) as scope:
+            async with anyio.create_task_group() as group:
+
+                async def push_back_then_cancel() -> None:
+                    await reports.next()
+                    scope.deadline += 30
+                    await anyio.sleep(1.5)  # past the first deadline
+                    scope.cancel()
+
+                group.start_soon(push_back_then_cancel)
+                await run_on_cluster(client, _wait_for_cancel, reports.port)
+        stopped, _ = await reports.next()
+    fired_after = float(stopped.split("after=")[1])
+    assert fired_after >= 1.4  # by the explicit cancel, not at the first deadline
 
 
 async def test_cancel_by_scope_stops_task_and_frees_worker(client: distributed.Client) -> None:

@@ -47,7 +47,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ._bridge import CALLER_CANCELLED, _threadsafe_caller, caller_deadline, redeliver_asyncio_cancel
 from ._exceptions import BrokenWorkerError, Cancelled
 from ._stats import Outcome, counters, log_cancelled
-from ._token import DEADLINE_REASON, CancelSource, _current
+from ._token import DEADLINE_REASON, CancelSource, _current, informative_source
 
 try:
     import distributed
@@ -532,48 +532,24 @@ _running_lock = threading.Lock()
 
 
 def _fire(key: str, reason: str) -> bool:
-    """Fire the token of the task `key` running here, without blocking this loop."""
+    """Fire the token of the task `key` running here, without blocking this loop.
+
+    Runs on the worker's event loop: waiters wake at once, and user ``on_cancel``
+    callbacks run in bridgecancel's callback thread, not here.
+    """
     with _running_lock:
         source = _running.get(key)
     if source is None:
         return False
-    detached = getattr(source, "_cancel_detached", None)
-    if detached is not None:
-        detached(reason)
-    else:
-        # on_cancel callbacks must not run on the worker's event loop thread.
-        threading.Thread(
-            target=_cancel_quietly, args=(source, reason), name="bridgecancel dask cancel",
-            daemon=True,
-        ).start()
+    source._cancel_detached(reason)
     return True
 
 
-def _cancel_quietly(source: CancelSource, reason: str) -> None:
-    try:
-        source.cancel(reason)
-    except BaseException as exc:  # callback errors: nobody to raise them to
-        sys.unraisablehook(_Unraisable(exc, source))  # type: ignore[arg-type]
-
-
-class _Unraisable:
-    def __init__(self, exc: BaseException, obj: object) -> None:
-        self.exc_type = type(exc)
-        self.exc_value = exc
-        self.exc_traceback = exc.__traceback__
-        self.err_msg = "Exception ignored in an on_cancel callback of a Dask task's token"
-        self.object = obj
-
-
 def _job_source(wall_deadline: float) -> CancelSource:
-    """The task's token source: its deadline is informative, it fires only on cancel."""
-    from . import _token
-
-    informative = getattr(_token, "informative_source", None)
-    if informative is None or wall_deadline == math.inf:
+    """The task's token source: it carries the caller's deadline but fires only on cancel."""
+    if wall_deadline == math.inf:
         return CancelSource()
-    source: CancelSource = informative(time.monotonic() + wall_deadline - time.time())
-    return source
+    return informative_source(time.monotonic() + wall_deadline - time.time())
 
 
 def _run_task(
