@@ -360,7 +360,7 @@ async def test_cancelled_before_start_never_starts(client: distributed.Client) -
 
 async def test_worker_death_is_one_error(client: distributed.Client) -> None:
     async with _reports() as reports:
-        with pytest.raises(BrokenWorkerError, match="died"):
+        with pytest.raises(BrokenWorkerError, match="was lost"):
             await run_on_cluster(client, _crash, reports.port)
         await reports.next()
         await anyio.sleep(0.5)

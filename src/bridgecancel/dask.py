@@ -232,22 +232,22 @@ class _Call:
         """
         try:
             value = gathered.result()
-        except BrokenWorkerError:
-            self.outcome = "killed"
-            raise
-        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
-            raise RuntimeError(
-                f"the Dask future running {_describe(self.func)} was cancelled outside "
-                "this call (was its client closed?)"
-            ) from exc
-        except distributed.KilledWorker as exc:
-            self.outcome = "killed"
-            raise BrokenWorkerError(
-                f"Dask workers kept dying while running {_describe(self.func)}: {exc}"
-            ) from exc
-        except BaseException:
+        except BaseException as exc:
             if cancelled is not None:
                 redeliver_asyncio_cancel(cancelled)
+            if isinstance(exc, BrokenWorkerError):
+                self.outcome = "killed"
+            elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+                # Never let Dask's cancellation pass for the caller's own.
+                raise RuntimeError(
+                    f"the Dask future running {_describe(self.func)} was cancelled outside "
+                    "this call (was its client closed?)"
+                ) from exc
+            elif isinstance(exc, distributed.KilledWorker):  # allowed-failures was 0
+                self.outcome = "killed"
+                raise BrokenWorkerError(
+                    f"the Dask worker running {_describe(self.func)} died: {exc}"
+                ) from exc
             raise
         if isinstance(value, _Stopped):
             return value.reason or "cancelled", None
@@ -578,8 +578,9 @@ def _run_task(
             return _Stopped(CALLER_CANCELLED)
         if verdict == _LOST:
             raise BrokenWorkerError(
-                f"the Dask worker running {_describe(func)} died, and Dask retried the "
-                f"task on {worker.address}; bridgecancel refuses to run it twice"
+                f"the Dask worker running {_describe(func)} was lost (it died or left the "
+                f"cluster) and Dask retried the task on {worker.address}; bridgecancel does "
+                "not run a call twice: call again if that is safe"
             )
         token = source.token
         reset = _current.set(token)
