@@ -431,3 +431,32 @@ async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -
         assert bridgecancel.statistics().cluster.cooperative == before.cooperative + 1
     finally:
         await anyio.to_thread.run_sync(other.close)
+
+
+def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -> None:
+    """Task.cancel() and wait_for() reach the task, with a Client(asynchronous=True)."""
+    import asyncio
+
+    async def main() -> tuple[list[str], int]:
+        async with await distributed.Client(
+            client.scheduler.address, asynchronous=True
+        ) as async_client, _reports() as reports:
+            task = asyncio.ensure_future(
+                run_on_cluster(async_client, _wait_for_cancel, reports.port)
+            )
+            started, _ = await reports.next()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            stopped, _ = await reports.next()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    run_on_cluster(async_client, _wait_for_cancel, reports.port), 0.5
+                )
+            lines = [started, stopped, (await reports.next())[0], (await reports.next())[0]]
+            return lines, await run_on_cluster(async_client, _add, 2, 5)
+
+    lines, value = asyncio.run(main())
+    assert [line.split()[0] for line in lines] == ["started", "stopped"] * 2
+    assert all("fired=True" in line for line in lines[1::2])
+    assert value == 7
