@@ -9,6 +9,7 @@ Tasks report to the test over loopback TCP, so the tests wait on events, not sle
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -372,6 +373,8 @@ async def test_worker_death_is_one_error(client: distributed.Client) -> None:
 async def test_bad_input(client: distributed.Client) -> None:
     with pytest.raises(pickle.PicklingError, match="argument 0"):
         await run_on_cluster(client, _add, threading.Lock(), 1)  # type: ignore[arg-type]
+    with pytest.raises(pickle.PicklingError, match=r"cannot send .*_add"):
+        await run_on_cluster(client, functools.partial(_add, threading.Lock()), 1)
     with pytest.raises(TypeError, match="unknown option"):
         await run_on_cluster(client, _add, 1, 2, timeout=3)
     with pytest.raises(TypeError, match="async function"):
