@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -33,7 +34,7 @@ if sys.version_info < (3, 11):
 distributed = pytest.importorskip("distributed")
 
 import bridgecancel  # noqa: E402
-from bridgecancel import BrokenWorkerError, current_token  # noqa: E402
+from bridgecancel import BrokenWorkerError, blocking, current_token  # noqa: E402
 from bridgecancel.dask import run_on_cluster  # noqa: E402
 
 pytestmark = pytest.mark.anyio
@@ -106,6 +107,19 @@ def _wait_for_cancel(port: int) -> str:
         pass
     token.check()
     return "not cancelled"
+
+
+def _blocked_in_queue_get(port: int) -> None:
+    """Blocked in a token-aware queue wait, with an on_cancel callback registered."""
+    token = current_token()
+    token.on_cancel(lambda: _report(port, "callback ran").close())
+    with _report(port, "started"):
+        pass
+    try:
+        blocking.queue_get(queue.Queue())  # nothing is ever put: only the cancel ends it
+    finally:
+        with _report(port, f"stopped fired={token.cancel_called}"):
+            pass
 
 
 def _secede_then_wait(port: int) -> str:
@@ -256,6 +270,22 @@ async def test_cancel_by_scope_stops_task_and_frees_worker(client: distributed.C
     after = bridgecancel.statistics().cluster
     assert after.cooperative == before.cooperative + 1
     assert after.running == 0
+
+
+async def test_blocking_wait_and_on_cancel_work_in_task(client: distributed.Client) -> None:
+    async with _reports() as reports:
+        with anyio.move_on_after(20) as scope:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_when_started() -> None:
+                    await reports.next()
+                    scope.cancel()
+
+                group.start_soon(cancel_when_started)
+                await run_on_cluster(client, _blocked_in_queue_get, reports.port)
+        lines = sorted([(await reports.next())[0], (await reports.next())[0]])
+    assert scope.cancelled_caught
+    assert lines == ["callback ran", "stopped fired=True"]
 
 
 async def test_cancel_seceded_task(client: distributed.Client) -> None:
