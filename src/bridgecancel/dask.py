@@ -90,9 +90,12 @@ _LOST: Final = "lost"
 # worker that picks one up late (its release still on the wire) does not run it.
 _TOMBSTONE_SECONDS: Final = 300.0
 
-# A scheduler without our plugin never answers a claim (Dask logs the unknown handler
-# and drops the message), so a task waits this long before saying so.
+# A scheduler without our plugin (restarted since the client registered it) never
+# answers (Dask logs the unknown handler and drops the message): a task waits this long
+# for its claim before saying so, and a cancel then falls back to Future.cancel(), whose
+# release the worker plugin still turns into the task's token firing.
 _CLAIM_TIMEOUT: Final = 30.0
+_CANCEL_TIMEOUT: Final = 10.0
 
 
 # -- the caller's side -------------------------------------------------------------------
@@ -209,7 +212,7 @@ class _Call:
                 _OnClientLoop(client, lambda: _cancel_call(client, self.key, reason))
             )
         except Exception:
-            reply = _NOT_STARTED  # the scheduler is unreachable: let Dask drop what it can
+            reply = _NOT_STARTED  # no answer from the scheduler: let Dask drop the task
         if reply == _NOT_STARTED:
             self.outcome = None
             # Dropping the future makes the gather end too (its outcome is ignored).
@@ -264,7 +267,9 @@ class _Call:
 
 async def _cancel_call(client: distributed.Client, task_key: str, reason: str) -> str:
     scheduler: Any = client.scheduler
-    reply: str = await scheduler.bridgecancel_cancel(key=task_key, reason=reason)
+    reply: str = await asyncio.wait_for(
+        scheduler.bridgecancel_cancel(key=task_key, reason=reason), _CANCEL_TIMEOUT
+    )
     return reply
 
 
