@@ -10,6 +10,7 @@ Tasks report to the test over loopback TCP, so the tests wait on events, not sle
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -493,3 +494,21 @@ def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -
     assert [line.split()[0] for line in lines] == ["started", "stopped"] * 2
     assert all("fired=True" in line for line in lines[1::2])
     assert value == 7
+
+
+def test_demo_row() -> None:
+    # In a child process: the demo starts (and closes) a LocalCluster of its own.
+    code = (
+        "import json, anyio\n"
+        "from bridgecancel._demo_cluster import cluster_cancel\n"
+        "print(json.dumps(anyio.run(cluster_cancel, 'trio', backend='trio')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert list(row) == ["case", "backend", "settings", "bridgecancel", "anchor"]
+    assert row["backend"] == "trio"
+    assert row["bridgecancel"].startswith("token fired")
+    assert row["anchor"].startswith("Future.cancel(): task ran on")
