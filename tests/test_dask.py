@@ -27,16 +27,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import distributed  # in the test dependency group: these tests never skip
 import pytest
+
+import bridgecancel
+from bridgecancel import BrokenWorkerError, blocking, current_token
+from bridgecancel.dask import run_on_cluster
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
-
-distributed = pytest.importorskip("distributed")
-
-import bridgecancel  # noqa: E402
-from bridgecancel import BrokenWorkerError, blocking, current_token  # noqa: E402
-from bridgecancel.dask import run_on_cluster  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
