@@ -141,6 +141,13 @@ def _crash(port: int) -> None:
     os._exit(3)
 
 
+def _fail_first_time(marker: str) -> str:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ValueError("first attempt")
+    return "second attempt"
+
+
 def _raise_value_error() -> None:
     raise ValueError("raised on the worker")
 
@@ -363,6 +370,14 @@ async def test_error_propagates_with_remote_traceback(client: distributed.Client
     with pytest.raises(ValueError, match="raised on the worker") as info:
         await run_on_cluster(client, _raise_value_error)
     assert "_raise_value_error" in "".join(traceback.format_tb(info.value.__traceback__))
+
+
+async def test_retries_rerun_a_task_that_raised(
+    client: distributed.Client, tmp_path: Any
+) -> None:
+    # Dask's retries= is not mistaken for a lost worker (which is never re-run).
+    marker = str(tmp_path / "attempted")
+    assert await run_on_cluster(client, _fail_first_time, marker, retries=1) == "second attempt"
 
 
 async def test_cancelled_before_start_never_starts(client: distributed.Client) -> None:

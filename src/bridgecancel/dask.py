@@ -154,7 +154,7 @@ async def run_on_cluster(
     wall_deadline = math.inf if deadline == math.inf else time.time() + deadline - time.monotonic()
     try:
         future = client.submit(
-            _run_task, task_key, func, args, wall_deadline,
+            _run_task, task_key, func, args, wall_deadline, bool(submit_options.get("retries")),
             key=task_key, pure=False, **submit_options,
         )
     except Exception as exc:
@@ -464,10 +464,11 @@ class _SchedulerCalls(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["bridgecancel_claim"] = self.claim
         scheduler.handlers["bridgecancel_cancel"] = self.cancel
+        scheduler.handlers["bridgecancel_release"] = self.release
 
     async def close(self) -> None:
         if self.scheduler is not None:
-            for name in ("bridgecancel_claim", "bridgecancel_cancel"):
+            for name in ("bridgecancel_claim", "bridgecancel_cancel", "bridgecancel_release"):
                 self.scheduler.handlers.pop(name, None)
 
     def transition(
@@ -479,8 +480,6 @@ class _SchedulerCalls(SchedulerPlugin):
             del self.calls[key]
         elif start == "processing" and finish in ("memory", "erred"):
             self.calls[key] = self._FINISHED  # the worker reported back: not lost
-        elif start == "processing" and finish == "waiting":
-            del self.calls[key]  # an error Dask retries (retries=): a new attempt
 
     def claim(self, key: str, worker: str) -> str:
         """A task starts on `worker`: may it run?"""
@@ -490,6 +489,11 @@ class _SchedulerCalls(SchedulerPlugin):
             return _LOST  # an attempt already started on a worker that is gone
         self.calls[key] = worker
         return _RUN
+
+    def release(self, key: str, worker: str) -> None:
+        """The attempt on `worker` raised, and Dask will retry it (``retries=``)."""
+        if self.calls.get(key) == worker:
+            self.calls[key] = self._FINISHED
 
     async def cancel(self, key: str, reason: str) -> str:
         """The caller was cancelled: stop the call, or make sure it never starts."""
@@ -558,17 +562,23 @@ def _job_source(wall_deadline: float) -> CancelSource:
 
 
 def _run_task(
-    key: str, func: Callable[..., Any], args: tuple[Any, ...], wall_deadline: float
+    key: str,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    wall_deadline: float,
+    may_retry: bool,
 ) -> Any:
-    """The task Dask runs: claim the call, run `func` with its token, report a stop."""
+    """The task Dask runs: claim the call, run `func` with its token, report a stop.
+
+    With Dask's ``retries=``, an attempt that raised gives its claim back before the
+    error reaches the scheduler, so the retry is not taken for a lost worker's.
+    """
     worker = distributed.get_worker()
     source = _job_source(wall_deadline)
     with _running_lock:  # registered before the claim, so a cancel always finds it
         _running[key] = source
     try:
-        claim = asyncio.run_coroutine_threadsafe(
-            _claim(worker, key), _asyncio_loop(worker)
-        )
+        claim = _on_worker_loop(worker, _claim(worker, key))
         try:
             verdict = claim.result(_CLAIM_TIMEOUT)
         except concurrent.futures.TimeoutError:
@@ -595,12 +605,27 @@ def _run_task(
             if exc.token is token:
                 return _Stopped(token.reason)
             raise
+        except BaseException:
+            if may_retry:
+                _on_worker_loop(worker, _release(worker, key)).result(_CLAIM_TIMEOUT)
+            raise
         finally:
             _current.reset(reset)
     finally:
         with _running_lock:
             del _running[key]
         source.close()
+
+
+def _on_worker_loop(worker: Worker, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+    async def run() -> T:
+        return await coro
+
+    return asyncio.run_coroutine_threadsafe(run(), _asyncio_loop(worker))
+
+
+async def _release(worker: Worker, key: str) -> None:
+    await worker.scheduler.bridgecancel_release(key=key, worker=worker.address)
 
 
 async def _claim(worker: Worker, key: str) -> str:
