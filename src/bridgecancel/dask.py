@@ -15,9 +15,10 @@ How the cancel travels (Dask's public plugin API only; Dask itself stops nothing
   fires the task's token. The task is then left to finish normally, so Dask keeps its
   thread busy until it has, and its result or error comes back the ordinary way.
 * Every task first claims its call at the scheduler. A second claim for a call means
-  the worker running the first attempt died and Dask retried the task elsewhere: the
-  retry raises `BrokenWorkerError` instead of running the function again, so a crash is
-  one error for that call, not one crash per worker.
+  the worker running the first attempt died (or left) and Dask retried the task
+  elsewhere: the retry raises `BrokenWorkerError` instead of running the function again,
+  so a crash is one error for that call, not one crash per worker. (An attempt that
+  raised under Dask's ``retries=`` gives its claim back first, so that retry runs.)
 * The worker plugin's ``transition`` hook fires the token of a running task whose future
   is released behind our back (the client was closed or lost), so orphans stop too.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import math
 import pickle
 import sys
@@ -349,7 +351,7 @@ def _check_call(
         )
     if not callable(func):
         raise TypeError(f"run_on_cluster() needs a callable to run, got {func!r}")
-    if asyncio.iscoroutinefunction(func):
+    if inspect.iscoroutinefunction(func):
         raise TypeError(
             f"{_describe(func)} is an async function: Dask runs sync functions; "
             "await it directly instead"
