@@ -417,7 +417,10 @@ def _make_closure() -> Callable[[], int]:
 
 
 @pytest.mark.parametrize("func", [lambda: 1, _make_closure()])
-async def test_unpicklable_function_names_the_fix(func: Callable[[], int]) -> None:
+async def test_unpicklable_function_names_the_fix(
+    func: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # as if not installed
     with pytest.raises(pickle.PicklingError, match="module level") as info:
         await run_process(func)
     assert "cloudpickle" in str(info.value)
@@ -652,7 +655,9 @@ def test_functions_in_main_script_work(tmp_path: Path, anyio_backend: str) -> No
 
 
 def test_function_in_interactive_main_names_the_fix(anyio_backend: str) -> None:
-    code = MAIN_SCRIPT.replace(
+    code = MAIN_SCRIPT.replace(  # as if cloudpickle were not installed
+        "import sys, anyio", "import sys, anyio; sys.modules['cloudpickle'] = None"
+    ).replace(
         'print(await run_process(triple, 14), await run_process(unbox, Box("ok")))',
         "try:\n        await run_process(triple, 14)\n"
         "    except Exception as exc:\n        print(type(exc).__name__, exc)",

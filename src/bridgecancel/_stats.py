@@ -12,8 +12,8 @@ __all__ = ("Outcome", "Statistics", "WorkerStatistics", "statistics")
 Outcome = Literal[
     "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
 ]
-Kind = Literal["threads", "processes"]
-_SINGULAR: Final = {"threads": "thread", "processes": "process"}
+Kind = Literal["threads", "processes", "cluster"]
+_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
 
 logger: Final = logging.getLogger("bridgecancel")
 
@@ -56,6 +56,8 @@ class Statistics:
 
     threads: WorkerStatistics
     processes: WorkerStatistics
+    # Calls made with bridgecancel.dask: ``running`` counts calls not yet ended.
+    cluster: WorkerStatistics
 
 
 class _Counters:
@@ -63,7 +65,7 @@ class _Counters:
         self._lock = threading.Lock()
         self._counts: dict[Kind, dict[str, int]] = {
             kind: dict.fromkeys((*_OUTCOMES, "running"), 0)
-            for kind in ("threads", "processes")
+            for kind in ("threads", "processes", "cluster")
         }
 
     def started(self, kind: Kind) -> None:
@@ -83,6 +85,7 @@ class _Counters:
             return Statistics(
                 threads=WorkerStatistics(**self._counts["threads"]),
                 processes=WorkerStatistics(**self._counts["processes"]),
+                cluster=WorkerStatistics(**self._counts["cluster"]),
             )
 
 

@@ -1,0 +1,633 @@
+"""Run a function on a Dask cluster from anyio code, with the caller's scope as its token.
+
+``await run_on_cluster(client, func, *args)`` submits ``func(*args)`` to the cluster
+behind a `distributed.Client` and waits for it, on asyncio or trio, by the rules
+`run_sync` and `run_process` follow: inside the task `current_token()` fires when the
+calling scope is cancelled, the call returns only once the task has stopped on its
+worker, and a result or error produced after the cancel is still delivered.
+
+How the cancel travels (Dask's public plugin API only; Dask itself stops nothing):
+
+* The caller asks the scheduler, through a handler that this module's `SchedulerPlugin`
+  adds, to cancel the call. The scheduler knows whether the task has started and where:
+  if it has not, it is marked so that it never starts, and the call returns at once; if
+  it has, the scheduler forwards the cancel to that worker, whose `WorkerPlugin` handler
+  fires the task's token. The task is then left to finish normally, so Dask keeps its
+  thread busy until it has, and its result or error comes back the ordinary way.
+* Every task first claims its call at the scheduler. A second claim for a call means
+  the worker running the first attempt died (or left) and Dask retried the task
+  elsewhere: the retry raises `BrokenWorkerError` instead of running the function again,
+  so a crash is one error for that call, not one crash per worker. (An attempt that
+  raised under Dask's ``retries=`` gives its claim back first, so that retry runs.)
+* The worker plugin's ``transition`` hook fires the token of a running task whose future
+  is released behind our back (the client was closed or lost), so orphans stop too.
+
+The plugins are registered on the cluster by the first call with a client; the
+scheduler and the workers must be able to import bridgecancel, as they import the
+functions you submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import math
+import pickle
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import checkpoint_if_cancelled
+
+from ._bridge import CALLER_CANCELLED, _threadsafe_caller, caller_deadline, redeliver_asyncio_cancel
+from ._exceptions import BrokenWorkerError, Cancelled
+from ._stats import Outcome, counters, log_cancelled
+from ._token import DEADLINE_REASON, CancelSource, _current, informative_source
+
+try:
+    import distributed
+    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "bridgecancel.dask needs Dask's distributed scheduler: "
+        "pip install 'bridgecancel[dask]'"
+    ) from exc
+
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+else:  # pragma: no cover - exercised on 3.10 only
+    from typing_extensions import TypeVarTuple, Unpack
+
+if TYPE_CHECKING:
+    from distributed.scheduler import Scheduler
+    from distributed.worker import Worker
+
+__all__ = ("run_on_cluster",)
+
+T = TypeVar("T")
+PosArgsT = TypeVarTuple("PosArgsT")
+
+PLUGIN_NAME: Final = "bridgecancel"
+
+# Options of Client.submit that make sense for one call; any other keyword argument
+# would be passed by Dask to the function, which is never what the caller meant here.
+_SUBMIT_OPTIONS: Final = frozenset(
+    {"workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers"}
+)
+
+# Scheduler replies.
+_RUN: Final = "run"
+_NOT_STARTED: Final = "not started"
+_STARTED: Final = "started"
+_LOST: Final = "lost"
+
+# How long the scheduler remembers calls cancelled before they started, so that a
+# worker that picks one up late (its release still on the wire) does not run it.
+_TOMBSTONE_SECONDS: Final = 300.0
+
+# A scheduler without our plugin (restarted since the client registered it) never
+# answers (Dask logs the unknown handler and drops the message): a task waits this long
+# for its claim before saying so, and a cancel then falls back to Future.cancel(), whose
+# release the worker plugin still turns into the task's token firing.
+_CLAIM_TIMEOUT: Final = 30.0
+_CANCEL_TIMEOUT: Final = 10.0
+
+
+# -- the caller's side -------------------------------------------------------------------
+
+
+async def run_on_cluster(
+    client: distributed.Client,
+    func: Callable[[Unpack[PosArgsT]], T],
+    *args: Unpack[PosArgsT],
+    key: str | None = None,
+    **submit_options: Any,
+) -> T:
+    """Run ``func(*args)`` on the Dask cluster behind `client` and return its result.
+
+    Inside the task, `current_token()` fires as soon as the calling task is cancelled
+    (by a cancel scope, a deadline, a failing task group, ``asyncio.timeout`` or
+    ``Task.cancel()``), so ``token.check()``, ``token.wait()``, ``token.sleep()``,
+    ``on_cancel`` callbacks and the `bridgecancel.blocking` waits stop it. The token's
+    ``deadline`` is the caller's effective deadline; it is informative: only the
+    caller's scope fires the token.
+
+    The call returns once the task has stopped on its worker. A task that stopped
+    because of the cancel becomes the caller's native cancellation; a task that
+    returns or raises anyway has its value or error delivered (the cancellation then
+    arrives at the caller's next checkpoint); a task cancelled before it started never
+    starts, and the call returns at once. An error from the task arrives as itself,
+    with the worker's traceback.
+
+    Works on asyncio and trio with a synchronous ``Client(...)`` (which runs its own
+    event loop in a thread), and on asyncio with a ``Client(asynchronous=True)`` made
+    on the same loop.
+
+    Args:
+        client: a connected `distributed.Client`.
+        func: a sync callable the cluster can unpickle (Dask uses cloudpickle).
+        args: positional arguments for `func`.
+        key: a name for the task, shown on Dask's dashboard. A unique suffix is always
+            added: reusing a key right after cancelling it would hand the new call the
+            old run.
+        submit_options: ``workers``, ``resources``, ``retries``, ``priority``,
+            ``fifo_timeout`` or ``allow_other_workers``, passed to ``Client.submit``.
+
+    Raises:
+        BrokenWorkerError: the worker running the task died (Dask's retry on another
+            worker is refused, so the function runs at most once per call).
+        RuntimeError: the client is closed, or the task's future was cancelled or
+            released by someone else.
+        TypeError: `func` is not callable or is async, or an option is unknown.
+        pickle.PicklingError: `func` or an argument cannot be pickled.
+    """
+    _check_call(client, func, key, submit_options)
+    await checkpoint_if_cancelled()
+    await _ensure_plugins(client)
+    task_key = f"{key or _name(func)}-{uuid.uuid4().hex}"
+    deadline = caller_deadline()
+    wall_deadline = math.inf if deadline == math.inf else time.time() + deadline - time.monotonic()
+    try:
+        future = client.submit(
+            _run_task, task_key, func, args, wall_deadline, bool(submit_options.get("retries")),
+            key=task_key, pure=False, **submit_options,
+        )
+    except Exception as exc:
+        if _is_pickling_error(exc):
+            raise pickle.PicklingError(_unpicklable_message(func, args, exc)) from exc
+        raise
+    counters.started("cluster")
+    call = _Call(client, future, task_key, func)
+    try:
+        return await call.run()  # type: ignore[no-any-return]
+    finally:
+        call.count()
+
+
+class _Call:
+    """One call: wait for its task; on cancel, stop it and wait for it; deliver; count."""
+
+    def __init__(
+        self, client: distributed.Client, future: distributed.Future[Any], key: str, func: object
+    ) -> None:
+        self.client = client
+        self.future = future
+        self.key = key
+        self.func = func
+        self.outcome: Outcome | None = "completed"  # None: it never started
+        self.reason: str | None = None
+
+    async def run(self) -> Any:
+        # Dask's Client methods are untyped: call them through Any.
+        client: Any = self.client
+        future = self.future
+        deadline = anyio.current_effective_deadline()
+        gathered: _OnClientLoop[Any] = _OnClientLoop(
+            client, lambda: client.gather(future, asynchronous=True)
+        )
+        try:
+            await gathered.wait()
+        except anyio.get_cancelled_exc_class() as exc:
+            cancelled = exc
+        else:
+            stopped, value = self._outcome(gathered)
+            if stopped is not None:
+                raise RuntimeError(
+                    f"the Dask task {self.key} was cancelled on its worker ({stopped}) "
+                    "but not by this call; was its future released or its client closed?"
+                )
+            return value
+
+        self.reason = reason = (
+            DEADLINE_REASON if anyio.current_time() >= deadline else CALLER_CANCELLED
+        )
+        self.outcome = "cooperative"
+        try:
+            reply = await _shielded(
+                _OnClientLoop(client, lambda: _cancel_call(client, self.key, reason))
+            )
+        except Exception:
+            reply = _NOT_STARTED  # no answer from the scheduler: let Dask drop the task
+        if reply == _NOT_STARTED:
+            self.outcome = None
+            # Dropping the future makes the gather end too (its outcome is ignored).
+            _OnClientLoop(client, lambda: client.cancel(future, asynchronous=True))
+            raise cancelled
+        await _shielded(gathered, wait_only=True)
+        stopped, value = self._outcome(gathered, cancelled)
+        if stopped is not None:
+            raise cancelled
+        redeliver_asyncio_cancel(cancelled)
+        return value
+
+    def _outcome(
+        self, gathered: _OnClientLoop[Any], cancelled: BaseException | None = None
+    ) -> tuple[str | None, Any]:
+        """``(reason, None)`` if the task stopped for its token, else ``(None, value)``.
+
+        Raises the task's error (re-requesting the caller's cancellation first on
+        asyncio, so that it is delivered after the error is handled).
+        """
+        try:
+            value = gathered.result()
+        except BaseException as exc:
+            if cancelled is not None:
+                redeliver_asyncio_cancel(cancelled)
+            if isinstance(exc, BrokenWorkerError):
+                self.outcome = "crashed"
+            elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+                # Never let Dask's cancellation pass for the caller's own.
+                raise RuntimeError(
+                    f"the Dask future running {_describe(self.func)} was cancelled outside "
+                    "this call (was its client closed?)"
+                ) from exc
+            elif isinstance(exc, distributed.KilledWorker):  # allowed-failures was 0
+                self.outcome = "crashed"
+                raise BrokenWorkerError(
+                    f"the Dask worker running {_describe(self.func)} died: {exc}"
+                ) from exc
+            raise
+        if isinstance(value, _Stopped):
+            return value.reason or "cancelled", None
+        return None, value
+
+    def count(self) -> None:
+        outcome = self.outcome or "never_started"
+        counters.finished("cluster", outcome)
+        if self.reason is not None:
+            log_cancelled("cluster", outcome, self.func, self.reason)
+
+
+async def _cancel_call(client: distributed.Client, task_key: str, reason: str) -> str:
+    scheduler: Any = client.scheduler
+    reply: str = await asyncio.wait_for(
+        scheduler.bridgecancel_cancel(key=task_key, reason=reason), _CANCEL_TIMEOUT
+    )
+    return reply
+
+
+class _OnClientLoop(Generic[T]):
+    """A coroutine running on the client's event loop, awaited from the caller's loop.
+
+    A synchronous Client runs its own asyncio loop in a thread; an asynchronous one
+    runs on the caller's loop. Either way the coroutine is started with
+    ``run_coroutine_threadsafe`` and the caller's loop is woken when it is done, so
+    the same code serves asyncio and trio callers without holding a thread.
+    """
+
+    def __init__(self, client: distributed.Client, make: Callable[[], Awaitable[T]]) -> None:
+        self.done = anyio.Event()
+        call_in_loop = _threadsafe_caller()
+
+        async def run() -> T:
+            return await make()
+
+        self.future = asyncio.run_coroutine_threadsafe(run(), _asyncio_loop(client))
+        self.future.add_done_callback(lambda _: call_in_loop(self.done.set))
+
+    async def wait(self) -> None:
+        await self.done.wait()
+
+    def result(self) -> T:
+        return self.future.result()
+
+
+def _asyncio_loop(client_or_worker: distributed.Client | Worker) -> asyncio.AbstractEventLoop:
+    """The asyncio loop under a Dask client's or worker's (tornado) event loop."""
+    loop: Any = client_or_worker.loop
+    asyncio_loop: asyncio.AbstractEventLoop = loop.asyncio_loop
+    return asyncio_loop
+
+
+def _dumps(obj: object) -> bytes:
+    dumps: Any = distributed.protocol.pickle.dumps  # how Dask pickles a task
+    data: bytes = dumps(obj)
+    return data
+
+
+async def _shielded(remote: _OnClientLoop[T], *, wait_only: bool = False) -> T | None:
+    """Wait for `remote` however the caller is cancelled meanwhile.
+
+    Plain asyncio's ``Task.cancel()`` gets through anyio shields; such a cancel is
+    absorbed here, as asyncio would coalesce it with the one being handled.
+    """
+    with anyio.CancelScope(shield=True):
+        while not remote.done.is_set():
+            try:
+                await remote.wait()
+            except anyio.get_cancelled_exc_class():
+                continue
+    return None if wait_only else remote.result()
+
+
+# -- checking a call ---------------------------------------------------------------------
+
+
+def _check_call(
+    client: object, func: object, key: object, options: dict[str, Any]
+) -> None:
+    if not isinstance(client, distributed.Client):
+        raise TypeError(
+            f"run_on_cluster() needs a distributed.Client as its first argument, got {client!r}"
+        )
+    if client.status in ("closing", "closed"):
+        raise RuntimeError(
+            f"the Dask client {client.id} is {client.status}; create a new "
+            "distributed.Client for the cluster"
+        )
+    if client.status != "running":
+        raise RuntimeError(
+            f"the Dask client {client.id} is not connected (status {client.status!r}); "
+            "await an asynchronous Client before use"
+        )
+    if not callable(func):
+        raise TypeError(f"run_on_cluster() needs a callable to run, got {func!r}")
+    if inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"{_describe(func)} is an async function: Dask runs sync functions; "
+            "await it directly instead"
+        )
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"key must be a str or None, got {key!r}")
+    unknown = sorted(set(options) - _SUBMIT_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"run_on_cluster() got unknown option(s) {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(_SUBMIT_OPTIONS))} (to pass keyword arguments to the "
+            "function, use functools.partial)"
+        )
+
+
+def _is_pickling_error(exc: Exception) -> bool:
+    return isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)) and (
+        "pickle" in str(exc).lower() or "serializ" in str(exc).lower()
+    )
+
+
+def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) -> str:
+    culprit = f"{_describe(func)} or its arguments"
+    for index, arg in enumerate(args):
+        try:
+            _dumps(arg)
+        except Exception:
+            culprit = f"argument {index} of {_describe(func)}, a {type(arg).__qualname__},"
+            break
+    return (
+        f"cannot send {culprit} to the Dask cluster: pickling failed ({exc}); pass "
+        "picklable data (locks, open files, sockets and generators cannot be pickled)"
+    )
+
+
+def _name(func: object) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return str(name).replace("<", "").replace(">", "")
+
+
+def _describe(func: object) -> str:
+    name = getattr(func, "__qualname__", None)
+    if name is None:
+        return repr(func)
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}()" if module else f"{name}()"
+
+
+# -- plugins -----------------------------------------------------------------------------
+
+_installed: set[tuple[str, str]] = set()
+_install_lock = threading.Lock()
+
+
+async def _ensure_plugins(client: distributed.Client) -> None:
+    """Register the scheduler and worker plugins once per client and scheduler."""
+    scheduler: Any = client.scheduler
+    ident = (client.id, str(scheduler.address))
+    if ident in _installed:
+        return
+    try:
+        if client.asynchronous:  # an asynchronous client on this very loop
+            await client.register_plugin(_SchedulerCalls(), name=PLUGIN_NAME)
+            await client.register_plugin(_WorkerTokens(), name=PLUGIN_NAME)
+        else:
+            await anyio.to_thread.run_sync(_register_blocking, client)
+    except Exception as exc:
+        raise RuntimeError(
+            "could not register bridgecancel's plugins on the Dask cluster "
+            f"({type(exc).__name__}: {exc}); the scheduler and every worker must be able "
+            "to import bridgecancel (install it in the cluster's environment)"
+        ) from exc
+    with _install_lock:
+        _installed.add(ident)
+
+
+def _register_blocking(client: distributed.Client) -> None:
+    client.register_plugin(_SchedulerCalls(), name=PLUGIN_NAME)
+    client.register_plugin(_WorkerTokens(), name=PLUGIN_NAME)
+
+
+class _Stopped:
+    """What a task returns when it stopped because its token fired."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Stopped, (self.reason,))
+
+
+class _SchedulerCalls(SchedulerPlugin):
+    """Knows, per call, whether it has started and on which worker; forwards cancels.
+
+    A key's state is the address of the worker running it, or ``_FINISHED``;
+    ``tombstones`` holds calls cancelled before they started.
+    """
+
+    _FINISHED: Final = ""
+    # Registered by every client that calls run_on_cluster: keep the first instance,
+    # which holds the state of the calls in flight.
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.calls: dict[str, str] = {}
+        self.tombstones: OrderedDict[str, float] = OrderedDict()
+        self.scheduler: Scheduler | None = None
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers["bridgecancel_claim"] = self.claim
+        scheduler.handlers["bridgecancel_cancel"] = self.cancel
+        scheduler.handlers["bridgecancel_release"] = self.release
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            for name in ("bridgecancel_claim", "bridgecancel_cancel", "bridgecancel_release"):
+                self.scheduler.handlers.pop(name, None)
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if key not in self.calls:
+            return
+        if finish == "forgotten":
+            del self.calls[key]
+        elif start == "processing" and finish in ("memory", "erred"):
+            self.calls[key] = self._FINISHED  # the worker reported back: not lost
+
+    def claim(self, key: str, worker: str) -> str:
+        """A task starts on `worker`: may it run?"""
+        if key in self.tombstones:
+            return _NOT_STARTED
+        if self.calls.get(key, self._FINISHED) != self._FINISHED:
+            return _LOST  # an attempt already started on a worker that is gone
+        self.calls[key] = worker
+        return _RUN
+
+    def release(self, key: str, worker: str) -> None:
+        """The attempt on `worker` raised, and Dask will retry it (``retries=``)."""
+        if self.calls.get(key) == worker:
+            self.calls[key] = self._FINISHED
+
+    async def cancel(self, key: str, reason: str) -> str:
+        """The caller was cancelled: stop the call, or make sure it never starts."""
+        worker = self.calls.get(key)
+        if worker is None:
+            self._bury(key)
+            return _NOT_STARTED
+        if worker != self._FINISHED and self.scheduler is not None:
+            try:
+                await self.scheduler.rpc(worker).bridgecancel_fire(key=key, reason=reason)
+            except Exception:
+                pass  # the worker is gone: the retry reports it lost
+        return _STARTED
+
+    def _bury(self, key: str) -> None:
+        now = time.monotonic()
+        self.tombstones[key] = now
+        while self.tombstones:
+            oldest, when = next(iter(self.tombstones.items()))
+            if now - when < _TOMBSTONE_SECONDS:
+                break
+            del self.tombstones[oldest]
+
+
+class _WorkerTokens(WorkerPlugin):
+    """Fires a running task's token: on the scheduler's word, or if Dask releases it."""
+
+    idempotent = True
+
+    def setup(self, worker: Worker) -> None:
+        worker.handlers["bridgecancel_fire"] = _fire
+
+    def teardown(self, worker: Worker) -> None:
+        worker.handlers.pop("bridgecancel_fire", None)
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if start in ("executing", "long-running") and finish in ("released", "cancelled"):
+            _fire(str(key), "the task's Dask future was released")
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+_running: dict[str, CancelSource] = {}
+_running_lock = threading.Lock()
+
+
+def _fire(key: str, reason: str) -> bool:
+    """Fire the token of the task `key` running here, without blocking this loop.
+
+    Runs on the worker's event loop: waiters wake at once, and user ``on_cancel``
+    callbacks run in bridgecancel's callback thread, not here.
+    """
+    with _running_lock:
+        source = _running.get(key)
+    if source is None:
+        return False
+    source._cancel_detached(reason)
+    return True
+
+
+def _job_source(wall_deadline: float) -> CancelSource:
+    """The task's token source: it carries the caller's deadline but fires only on cancel."""
+    if wall_deadline == math.inf:
+        return CancelSource()
+    return informative_source(time.monotonic() + wall_deadline - time.time())
+
+
+def _run_task(
+    key: str,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    wall_deadline: float,
+    may_retry: bool,
+) -> Any:
+    """The task Dask runs: claim the call, run `func` with its token, report a stop.
+
+    With Dask's ``retries=``, an attempt that raised gives its claim back before the
+    error reaches the scheduler, so the retry is not taken for a lost worker's.
+    """
+    worker = distributed.get_worker()
+    source = _job_source(wall_deadline)
+    with _running_lock:  # registered before the claim, so a cancel always finds it
+        _running[key] = source
+    try:
+        claim = _on_worker_loop(worker, _claim(worker, key))
+        try:
+            verdict = claim.result(_CLAIM_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            claim.cancel()
+            raise RuntimeError(
+                f"the Dask scheduler did not answer {worker.address} within "
+                f"{_CLAIM_TIMEOUT:g} s about starting {_describe(func)}: it has no "
+                "bridgecancel plugin (was it restarted?); call run_on_cluster() with a new "
+                "Client to register it"
+            ) from None
+        if verdict == _NOT_STARTED:
+            return _Stopped(CALLER_CANCELLED)
+        if verdict == _LOST:
+            raise BrokenWorkerError(
+                f"the Dask worker running {_describe(func)} was lost (it died or left the "
+                f"cluster) and Dask retried the task on {worker.address}; bridgecancel does "
+                "not run a call twice: call again if that is safe"
+            )
+        token = source.token
+        reset = _current.set(token)
+        try:
+            return func(*args)
+        except Cancelled as exc:
+            if exc.token is token:
+                return _Stopped(token.reason)
+            raise
+        except BaseException:
+            if may_retry:
+                _on_worker_loop(worker, _release(worker, key)).result(_CLAIM_TIMEOUT)
+            raise
+        finally:
+            _current.reset(reset)
+    finally:
+        with _running_lock:
+            del _running[key]
+        source.close()
+
+
+def _on_worker_loop(worker: Worker, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+    async def run() -> T:
+        return await coro
+
+    return asyncio.run_coroutine_threadsafe(run(), _asyncio_loop(worker))
+
+
+async def _release(worker: Worker, key: str) -> None:
+    await worker.scheduler.bridgecancel_release(key=key, worker=worker.address)
+
+
+async def _claim(worker: Worker, key: str) -> str:
+    verdict: str = await worker.scheduler.bridgecancel_claim(key=key, worker=worker.address)
+    return verdict
