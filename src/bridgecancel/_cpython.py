@@ -200,7 +200,7 @@ def wait(cond: threading.Condition, token: CancelToken, timeout: float | None) -
     saved = cond._release_save()  # type: ignore[attr-defined]
     got = False
     try:
-        with token.on_cancel(waker):
+        with token._on_cancel_inline(waker):
             if timeout is None:
                 got = waiter.acquire()
             elif timeout > 0:
