@@ -435,3 +435,42 @@ async def test_open_token_in_a_handler_fires_when_the_client_leaves(server: str)
         assert fired.is_set()
         assert not threads[0].is_alive()
         await still_serving(port)
+
+
+async def test_lifespan_and_websocket_pass_through_under_the_server(server: str) -> None:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+    lifespan_events: list[str] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                lifespan_events.append(message["type"])
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        assert scope["type"] == "websocket"
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        await send({"type": "websocket.send", "text": message["text"].upper()})
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with serve(server, CancelOnDisconnectMiddleware(app, timeout=5)) as port:
+        ws = WSConnection(ConnectionType.CLIENT)
+        events: list[object] = []
+        async with await connect(port) as stream:
+            await stream.send(ws.send(Request(host="127.0.0.1", target="/ws")))
+            with anyio.fail_after(10):
+                while not any(isinstance(e, CloseConnection) for e in events):
+                    ws.receive_data(await stream.receive())
+                    for event in ws.events():
+                        events.append(event)
+                        if isinstance(event, AcceptConnection):
+                            await stream.send(ws.send(TextMessage(data="hello")))
+        texts = [e.data for e in events if isinstance(e, TextMessage)]
+        assert texts == ["HELLO"]
+        assert lifespan_events == ["lifespan.startup"]
+    assert lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
