@@ -260,6 +260,9 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
     body = b"0123456789abcdef" * 65536  # 1 MiB against a 64 KiB bound
     held_at_start: list[int] = []
 
+    limit = 64 * 1024
+    reached_bound = anyio.Event()
+
     def count_reads(app: App) -> App:
         async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
             read = [0]
@@ -267,6 +270,8 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
             async def counting_receive() -> Any:
                 message = await receive()
                 read[0] += len(message.get("body", b""))
+                if read[0] >= limit:
+                    reached_bound.set()
                 return message
 
             scope["test.bytes_read"] = read
@@ -275,8 +280,10 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
         return wrapped
 
     async def slow_reader(scope: Scope, receive: Any, send: Any) -> None:
-        # Let the middleware read ahead as far as it will before the app reads.
-        await anyio.wait_all_tasks_blocked()
+        await reached_bound.wait()
+        # Time for a middleware that ignored its bound to read on (the server has the
+        # whole body by now); this one stops.
+        await anyio.sleep(0.2)
         held_at_start.append(scope["test.bytes_read"][0])
         size = 0
         while True:
@@ -286,7 +293,6 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
                 break
         await respond(send, str(size).encode())
 
-    limit = 64 * 1024
     app = count_reads(CancelOnDisconnectMiddleware(with_ping(slow_reader), max_buffered=limit))
     async with serve(server, app) as port:
         with anyio.fail_after(10):
