@@ -38,8 +38,8 @@ _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
-P = ParamSpec("P")
-T = TypeVar("T")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 _DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
 
@@ -229,7 +229,6 @@ class _Exchange:
                 "headers": [
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(_TIMEOUT_BODY)).encode()),
-                    (b"connection", b"close"),
                 ],
             }
         )
@@ -247,7 +246,7 @@ def _body_size(message: _Message) -> int:
 
 
 @overload
-def threaded(func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+def threaded(func: Callable[_P, _T], /) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
 
 
 @overload
@@ -255,18 +254,18 @@ def threaded(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]: ...
+) -> Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]: ...
 
 
 def threaded(
-    func: Callable[P, T] | None = None,
+    func: Callable[_P, _T] | None = None,
     /,
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
 ) -> (
-    Callable[P, Coroutine[Any, Any, T]]
-    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]
+    Callable[_P, Coroutine[Any, Any, _T]]
+    | Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]
 ):
     """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
 
@@ -306,11 +305,11 @@ def threaded(
 
 
 def _threaded(
-    func: Callable[P, T],
+    func: Callable[_P, _T],
     *,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[P, Coroutine[Any, Any, T]]:
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
     if not callable(func):
         raise TypeError(f"@threaded decorates a function, got {func!r}")
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
@@ -322,7 +321,7 @@ def _threaded(
         )
 
     @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         if kwargs:  # frameworks pass parameters by name
             call = functools.partial(func, *args, **kwargs)
             return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
