@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
 
+import _proc_helpers
 import bridgecancel
 from _servers import (
     FOREVER,
@@ -480,3 +482,32 @@ async def test_lifespan_and_websocket_pass_through_under_the_server(server: str)
         assert texts == ["HELLO"]
         assert lifespan_events == ["lifespan.startup"]
     assert lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_client_leaving_stops_a_run_process_job(server: str, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    outcome: list[str] = []
+    left = anyio.Event()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            await bridgecancel.run_process(_proc_helpers.wait_for_cancel, str(marker))
+            outcome.append("returned")
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        finally:
+            left.set()
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/work"))
+        with anyio.fail_after(30):  # a worker process may have to start first
+            while not marker.exists():
+                await anyio.sleep(0.01)
+        await client.aclose()
+        with anyio.fail_after(10):
+            await left.wait()
+        assert outcome == ["cancelled"]
+        assert bridgecancel.statistics().processes.running == 0
+        await still_serving(port)
