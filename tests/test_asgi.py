@@ -103,15 +103,17 @@ def assert_no_worker_running() -> None:
     assert bridgecancel.statistics().threads.running == 0
 
 
-async def test_client_leaving_mid_request_stops_the_worker(server: str) -> None:
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["close", "keep-alive"])
+async def test_client_leaving_mid_request_stops_the_worker(server: str, keep_alive: bool) -> None:
     probe = Probe()
 
     async def handler(scope: Scope, receive: Any, send: Any) -> None:
         await probe.run_blocking()
         await respond(send)
 
+    request = http_request(path="/work", close=not keep_alive)
     async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
-        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
+        left_at = await leave_while_blocked(port, probe, request)
         assert probe.fired is True
         assert probe.fired_at - left_at < PROMPTLY
         assert probe.reason is not None
@@ -511,4 +513,38 @@ async def test_client_leaving_stops_a_run_process_job(server: str, tmp_path: Pat
             await left.wait()
         assert outcome == ["cancelled"]
         assert bridgecancel.statistics().processes.running == 0
+        await still_serving(port)
+
+
+async def test_client_leaving_mid_upload_cancels_the_reader(server: str) -> None:
+    outcome: list[str] = []
+    reading = anyio.Event()
+    left = anyio.Event()
+
+    async def reader(scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            while True:
+                message = await receive()
+                reading.set()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    outcome.append(message["type"])
+                    break
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        finally:
+            left.set()
+        await respond(send)
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(reader))) as port:
+        client = await connect(port)
+        head = http_request("POST", "/upload", b"")
+        head = head.replace(b"Content-Length: 0", b"Content-Length: 1000000")
+        await client.send(head + b"x" * 1000)  # a thousandth of what it announced
+        with anyio.fail_after(10):
+            await reading.wait()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await left.wait()
+        assert outcome == ["cancelled"]
         await still_serving(port)
