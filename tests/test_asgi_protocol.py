@@ -363,3 +363,23 @@ async def test_the_deadline_reaches_the_workers_token() -> None:
 
     await CancelOnDisconnectMiddleware(app, timeout=30)(HTTP_SCOPE, server.receive, server.send)
     assert 0 < remaining[0] <= 30
+
+
+async def test_an_error_from_the_servers_receive_reaches_the_apps_receive() -> None:
+    first = body(b"a", True)
+    server = ScriptedServer(first)
+    calls = [0]
+    scripted_receive = server.receive
+
+    async def failing_receive() -> Message:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("the server's receive failed")
+        return await scripted_receive()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert await receive() is first
+        await receive()
+
+    with pytest.raises(OSError, match="receive failed"):
+        await CancelOnDisconnectMiddleware(app)(HTTP_SCOPE, failing_receive, server.send)
