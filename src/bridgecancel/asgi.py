@@ -384,8 +384,8 @@ def _threaded(
 
 
 def _signature(func: Callable[..., object]) -> inspect.Signature:
-    # Evaluated annotations: FastAPI resolves string annotations in the wrapper's
-    # module, which is this one, not the user's.
+    # Evaluated annotations: a framework that resolves string annotations in the
+    # wrapper's globals (older FastAPI releases do) would look in this module.
     try:
         return inspect.signature(func, eval_str=True)
     except Exception:  # a name only imported under TYPE_CHECKING, say
