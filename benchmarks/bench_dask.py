@@ -34,7 +34,7 @@ JOB_SECONDS = 0.5
 async def _bench(quick: bool) -> dict[str, Any]:
     import anyio
 
-    from bridgecancel._demo_cluster import (
+    from bridgecancel._demo.cluster import (
         cancel_with_bridgecancel,
         cancel_with_dask_alone,
         local_cluster,

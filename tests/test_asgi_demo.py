@@ -1,4 +1,4 @@
-"""The demo's web case (`bridgecancel._demo_web.web_disconnect`) under its real servers."""
+"""The demo's web case (`bridgecancel._demo.web.web_disconnect`) under its real servers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import anyio
 import pytest
 
-from bridgecancel._demo_web import WORK_SECONDS, web_disconnect
+from bridgecancel._demo.web import WORK_SECONDS, web_disconnect
 
 ROW_KEYS = ("case", "backend", "settings", "bridgecancel", "anchor")
 

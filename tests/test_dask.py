@@ -514,7 +514,7 @@ def test_demo_row() -> None:
     # In a child process: the demo starts (and closes) a LocalCluster of its own.
     code = (
         "import json, anyio\n"
-        "from bridgecancel._demo_cluster import cluster_cancel\n"
+        "from bridgecancel._demo.cluster import cluster_cancel\n"
         "print(json.dumps(anyio.run(cluster_cancel, 'trio', backend='trio')))\n"
     )
     result = subprocess.run(

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from . import _work
+from .cluster import cluster_cancel
+from .web import web_disconnect
 from ._common import Comparison
 
 __all__ = ("CASES", "ROW_KEYS", "Case", "describe")
@@ -36,8 +38,8 @@ CASES: Final[list[Case]] = [
     Comparison(
         "process: ignores token and interrupt", _work.ignore_everything, "processes", _ESCALATION
     ),
-    # The integrator registers the web case (bridgecancel._demo_web) and the cluster
-    # case (bridgecancel._demo_cluster) here.
+    web_disconnect,
+    cluster_cancel,
 ]
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from ._token import current_token
+from .._token import current_token
 
 if TYPE_CHECKING:
     import distributed
@@ -90,7 +90,7 @@ async def cancel_with_bridgecancel(
     Returns seconds from the cancel to: the task's token firing (as the task saw it
     stop), the caller's return, and the next task starting on the freed thread.
     """
-    from .dask import run_on_cluster
+    from ..dask import run_on_cluster
 
     port = sock.extra(anyio.abc.SocketAttribute.local_port)
     async with anyio.create_task_group() as group:

@@ -21,10 +21,10 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from ._stats import statistics
-from ._threads import run_sync
-from ._token import current_token
-from .asgi import CancelOnDisconnectMiddleware, _on_trio
+from .._stats import statistics
+from .._threads import run_sync
+from .._token import current_token
+from ..asgi import CancelOnDisconnectMiddleware, _on_trio
 
 __all__ = ("web_disconnect",)
 
