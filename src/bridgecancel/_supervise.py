@@ -150,7 +150,7 @@ async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
         redeliver_asyncio_cancel(cancelled, requests)
 
 
-def abandon(job: Job, cancelled: BaseException) -> None:
+def abandon(job: Job) -> None:
     """The caller leaves a job a worker has taken (``abandon_on_cancel=True``).
 
     Its token fires and it is counted abandoned now, not when its worker ends.

@@ -353,7 +353,7 @@ async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None
         if job.exception is exc:  # the worker itself raised the backend's cancellation
             return await supervise.deliver(job)
         if not job.drop_if_queued():
-            supervise.abandon(job, exc)
+            supervise.abandon(job)
         else:
             counters.finished("threads", "never_started", was_running=False)
         raise
