@@ -435,9 +435,13 @@ class _TrioCall:
                 raise failure
             finally:
                 del failure  # no cycle through this frame's traceback
-        if self.job.state == _DROPPED:  # the host's scope was cancelled before the thread
+        job = self.job
+        if job.state == _DROPPED:  # the host's scope was cancelled before the thread
             await anyio.sleep_forever()  # started: the caller's own cancellation, at once
-        return await supervise.deliver(self.job)
+        if job.stopped_by_cancel:
+            return await supervise.deliver(job)  # the caller's own cancellation
+        supervise.record(job)
+        return job.result()
 
     def _abort(self, raise_cancel: object) -> Any:
         lowlevel = sys.modules["trio"].lowlevel
