@@ -179,9 +179,12 @@ class _ThreadJob:
 
     def drop_if_queued(self) -> bool:
         """Make sure a job that has not started never will; True if this call did it."""
+        claim = self._claim
+        if not claim:  # taken already (the usual case: no exception on the hot path)
+            return False
         try:
-            self._claim.pop()
-        except IndexError:
+            claim.pop()
+        except IndexError:  # the worker took it just now
             return False
         self.state = _DROPPED
         if self.done is not None:
