@@ -8,10 +8,15 @@ subprocess with a timeout, so a hang fails the test rather than the run.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+
+from bridgecancel import CancelSource
 
 SIGNALS = 20_000
 STORM_PATIENCE = 50.0  # seconds; a storm takes a few
@@ -101,3 +106,38 @@ def test_signal_storm_cancelling_tokens_in_use_never_hangs(backend: str) -> None
     assert handled >= SIGNALS
     assert cancelled > 0  # the handler did hit sources in use
     assert max_depth < 20  # handlers return at once, so they rarely nest at all
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_wait_interrupted_by_a_signal_holds_up_no_other_waiter() -> None:
+    source = CancelSource()
+    token = source.token
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    woke = threading.Event()
+    other = threading.Thread(target=lambda: token.wait(30) and woke.set(), daemon=True)
+    other.start()
+    end = time.monotonic() + 5
+    while not token._waiters and time.monotonic() < end:  # until the other thread waits
+        time.sleep(0.001)
+    main = threading.main_thread().ident
+    assert main is not None
+    previous = signal.signal(signal.SIGUSR2, interrupt)
+    try:
+        timer = threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGUSR2))
+        timer.start()
+        with pytest.raises(_Interrupted):
+            token.wait(30)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert len(token._waiters) == 1  # only the other thread's wait is left
+    source.cancel("done")
+    other.join(5)
+    assert woke.is_set()
+    assert len(token._waiters) == 0

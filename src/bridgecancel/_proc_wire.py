@@ -49,7 +49,7 @@ MAX_REASON: Final = 1024
 
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
-Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_pool._config)
+Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_handle._config)
 
 
 def dumps(obj: object) -> bytes:

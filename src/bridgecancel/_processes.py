@@ -24,7 +24,8 @@ from . import _supervise as supervise
 from ._bridge import caller_deadline
 from ._checks import check_call, describe
 from ._exceptions import BrokenWorkerError, Cancelled, RemoteTraceback
-from ._proc_pool import WorkerProcess, main_is_loadable, pool
+from ._proc_handle import WorkerProcess, main_is_loadable
+from ._proc_pool import pool
 from ._stats import Outcome, counters
 
 if sys.version_info >= (3, 11):
@@ -160,7 +161,7 @@ async def _run_in_worker(
     interrupt_after: float | None,
     kill_after: float | None,
 ) -> Any:
-    worker = pool.take()
+    worker = await pool.take()
     job = _ProcessJob(worker, func, interrupt_after, kill_after, caller_deadline())
     try:
         try:

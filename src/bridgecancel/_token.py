@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from _thread import allocate_lock as _allocate_lock
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -136,7 +137,7 @@ class _TokenFields:
         "_deadline",
         "_fds",
         "_fires_at",
-        "_gate",
+        "_waiters",
         "_never",
         "_reason",
         "_timer_entry",
@@ -152,7 +153,8 @@ class _TokenFields:
     _deadline: float  # what the token reports
     _fds: tuple[int, int] | None
     _fires_at: float  # when it fires by itself
-    _gate: Any  # a _thread.lock: locked until the token fires, then passed on by waiters
+    # The locks of threads blocked in wait(), each released once by the firer.
+    _waiters: deque[Any]
     _never: bool
     _reason: str | None
     _timer_entry: Entry | None
@@ -165,8 +167,7 @@ def _new_token(deadline: float, never: bool = False) -> CancelToken:
     fields._deadline = fields._fires_at = deadline
     fields._callbacks = {}
     fields._once = {}
-    gate = fields._gate = _allocate_lock()
-    gate.acquire()
+    fields._waiters = deque()
     fields._fds = None
     fields._timer_entry = None
     fields._never = never
@@ -265,11 +266,22 @@ class CancelToken(_TokenFields):
             timeout = -1
         elif timeout <= 0:
             return False
-        gate = self._gate
-        if gate.acquire(True, timeout):
-            gate.release()  # pass it on to the next waiter
-            return True
-        return self.cancel_called
+        # A lock of its own, released by the firer: a waiter interrupted at any point
+        # (KeyboardInterrupt, say) can hold up no other waiter.
+        waiter = _allocate_lock()
+        waiter.acquire()
+        waiters = self._waiters
+        waiters.append(waiter)
+        try:
+            # After publishing: the firer either releases this lock or set the flag first.
+            if self.cancel_called:
+                return True
+            return waiter.acquire(True, timeout) or self.cancel_called
+        finally:
+            try:
+                waiters.remove(waiter)
+            except ValueError:  # the firer took it
+                pass
 
     def sleep(self, seconds: float) -> None:
         """Sleep like `time.sleep`, but raise `Cancelled` as soon as the token fires."""
@@ -372,7 +384,12 @@ class CancelToken(_TokenFields):
         _set(self, "cancel_called", True)
         if first is not mine:
             return []
-        self._gate.release()
+        waiters = self._waiters
+        while waiters:
+            try:
+                waiters.popleft().release()
+            except IndexError:  # emptied meanwhile by a waiter leaving
+                break
         fds = self._fds
         if fds is not None:
             _poke(fds)
