@@ -318,6 +318,10 @@ async def test_bad_input_is_rejected_clearly(
 # -- defect 3: plain asyncio, the same on every Python --------------------------------------
 
 
+# The plain asyncio tests give the worker 0.3 s to start before their timeout fires: a job
+# that never started has no value to keep.
+
+
 def _returns_after_cancel(running: threading.Event) -> str:
     running.set()
     current_token().wait(WAIT)
@@ -333,7 +337,7 @@ def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
-        async with asyncio.timeout(0.05):  # type: ignore[attr-defined,unused-ignore]
+        async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
             seen.append(await _plain_run_sync(running))
         await asyncio.sleep(0.01)  # an unrelated await: no stray cancellation here
         seen.append("after")
@@ -349,7 +353,7 @@ def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block(
         running = threading.Event()
         start = time.monotonic()
         try:
-            async with asyncio.timeout(0.05):  # type: ignore[attr-defined,unused-ignore]
+            async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
                 seen.append(await _plain_run_sync(running))
                 await asyncio.sleep(WAIT)
         except TimeoutError:
@@ -364,7 +368,7 @@ def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block(
 def test_plain_asyncio_wait_for_keeps_the_result() -> None:
     async def main() -> str:
         running = threading.Event()
-        result = await asyncio.wait_for(_plain_run_sync(running), 0.05)
+        result = await asyncio.wait_for(_plain_run_sync(running), 0.3)
         await asyncio.sleep(0.01)
         return result
 
@@ -406,3 +410,36 @@ def test_plain_asyncio_bare_task_cancel_of_a_returning_task_is_not_lost() -> Non
         return task.result() == "kept"
 
     assert asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
+        noticed, release = threading.Event(), threading.Event()
+
+        def job() -> str:
+            current_token().wait(WAIT)  # fired by the timeout
+            noticed.set()
+            release.wait(WAIT)
+            return "kept"
+
+        async def caller() -> None:
+            async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
+                seen.append(await run_sync(job))
+            seen.append("after the block")  # the timeout withdrew its own request
+            await asyncio.sleep(WAIT)  # the bare Task.cancel() lands here
+            seen.append("not cancelled")
+
+        task = asyncio.create_task(caller())
+        while not noticed.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()  # absorbed while the job finishes: a second, separate request
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+        return seen
+
+    assert asyncio.run(main()) == ["kept", "after the block", "cancelled"]

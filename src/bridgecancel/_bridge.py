@@ -53,8 +53,10 @@ def source_for_caller(trio_task: bool = False) -> CancelSource:
     information, and fires only when the caller's scope is cancelled (never by itself at
     that deadline, which the caller may push back later)."""
     deadline = caller_deadline(trio_task)
+    if deadline == math.inf:
+        return CancelSource()  # no deadline to report: the plain source is the same, cheaper
     if deadline == -math.inf:
-        source = informative_source(math.inf)
+        source = CancelSource()
         source.cancel(CALLER_CANCELLED)  # no callbacks yet: nothing runs here
         return source
     return informative_source(deadline)

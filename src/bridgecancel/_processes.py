@@ -83,16 +83,23 @@ async def run_process(
 
     Inside the worker, `current_token()` is the job's token: it fires as soon as the
     calling task is cancelled (by a cancel scope, a deadline, ``asyncio.timeout``,
-    ``Task.cancel()`` or a failing task group), and its deadline is the caller's.
-    ``token.wait()`` in the worker wakes at once; there is no polling.
+    ``Task.cancel()`` or a failing task group). Its ``deadline`` is the caller's effective
+    deadline when the call began, for information: the token fires from the caller's
+    scope, never by itself, so a deadline pushed back later does not stop the job.
+    ``token.wait()`` in the worker wakes at once; there is no polling. The token's
+    ``on_cancel`` callbacks run in the worker's control-listener thread, never in the
+    caller's event loop.
 
-    If the worker ignores its token, `interrupt_after` seconds after the cancel
-    `Cancelled` is raised in its Python code (so ``finally`` blocks run), and
+    If the worker ignores its token, `interrupt_after` seconds after the cancel (or
+    after the job's function began, if it had not yet) `Cancelled` is raised in its
+    Python code (so ``finally`` blocks run), and
     `kill_after` seconds after that its whole process group is killed and the worker
     replaced. Pass None to skip a stage; with both None the call waits for the worker
     however long it takes. The call returns only once the job has ended.
 
-    A worker that stopped because of the cancel becomes the caller's own cancellation.
+    A job cancelled before its function began never starts, and its worker (even one
+    still starting) is reused. A worker that stopped because of the cancel becomes the
+    caller's own cancellation.
     A worker that returns anyway has its result returned (the cancellation is delivered
     at the next checkpoint); an error it raises arrives as a copy of the same type,
     whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
@@ -114,6 +121,10 @@ async def run_process(
             not be pickled.
         pickle.UnpicklingError: the worker could not load the job, or the parent could
             not load what came back.
+        TypeError: `func` is not a sync callable (an async function or async generator
+            function), or `limiter` is not an ``anyio.CapacityLimiter``; checked before
+            any worker is touched, with the same checks as `run_sync`.
+        ValueError: `interrupt_after` or `kill_after` is negative or NaN.
     """
     if sys.platform == "win32":  # pragma: no cover - POSIX only
         raise NotImplementedError(

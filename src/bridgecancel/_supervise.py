@@ -138,6 +138,7 @@ async def deliver(job: Job) -> Any:
 
 async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     """The caller was cancelled while `job` was queued or running: fire, escalate, deliver."""
+    requests = _cancel_requests(cancelled)  # before the waits below absorb any more
     job.fire(cancel_reason(job))
     await escalate(job)
     record(job)
@@ -146,10 +147,10 @@ async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     try:
         return job.result()  # nothing is lost: the value or error still comes back
     finally:
-        redeliver_asyncio_cancel(cancelled)
+        redeliver_asyncio_cancel(cancelled, requests)
 
 
-def abandon(job: Job, cancelled: BaseException) -> None:
+def abandon(job: Job) -> None:
     """The caller leaves a job a worker has taken (``abandon_on_cancel=True``).
 
     Its token fires and it is counted abandoned now, not when its worker ends.
@@ -205,7 +206,16 @@ async def _wait_shielded(
     raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see the loop
 
 
-def redeliver_asyncio_cancel(exc: BaseException) -> None:
+def _cancel_requests(exc: BaseException) -> int:
+    """How many cancellations of the current asyncio task are pending (3.11+; else 0)."""
+    if sys.version_info >= (3, 11) and isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None:
+            return task.cancelling()
+    return 0
+
+
+def redeliver_asyncio_cancel(exc: BaseException, requests: int) -> None:
     """Ask again for a plain asyncio cancellation that was caught to hand over a result.
 
     anyio's cancel scopes and trio redeliver by themselves (the effective deadline is
@@ -215,6 +225,10 @@ def redeliver_asyncio_cancel(exc: BaseException) -> None:
     calls ``Task.uncancel()`` (Python 3.11+), and its cancellation must not escape it.
     The same rule on every Python: a pending ``Task.cancel()`` flag set here would
     outlive the block on 3.11 and 3.12, and a task ending with it set loses its result.
+
+    `requests` is ``Task.cancelling()`` when the cancellation was caught: one requester
+    withdrawing leaves fewer, and a second request (a bare ``Task.cancel()`` absorbed
+    while the job ended) keeps it pending.
     """
     if not isinstance(exc, asyncio.CancelledError):
         return
@@ -224,9 +238,6 @@ def redeliver_asyncio_cancel(exc: BaseException) -> None:
     if task is None:  # pragma: no cover - the bridge always runs in a task
         return
     message = exc.args[0] if exc.args else None
-    requests = 0
-    if sys.version_info >= (3, 11):
-        requests = task.cancelling()
     asyncio.get_running_loop().call_soon(_cancel_again, task, requests, message)
 
 

@@ -179,9 +179,12 @@ class _ThreadJob:
 
     def drop_if_queued(self) -> bool:
         """Make sure a job that has not started never will; True if this call did it."""
+        claim = self._claim
+        if not claim:  # taken already (the usual case: no exception on the hot path)
+            return False
         try:
-            self._claim.pop()
-        except IndexError:
+            claim.pop()
+        except IndexError:  # the worker took it just now
             return False
         self.state = _DROPPED
         if self.done is not None:
@@ -353,7 +356,7 @@ async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None
         if job.exception is exc:  # the worker itself raised the backend's cancellation
             return await supervise.deliver(job)
         if not job.drop_if_queued():
-            supervise.abandon(job, exc)
+            supervise.abandon(job)
         else:
             counters.finished("threads", "never_started", was_running=False)
         raise
@@ -435,9 +438,13 @@ class _TrioCall:
                 raise failure
             finally:
                 del failure  # no cycle through this frame's traceback
-        if self.job.state == _DROPPED:  # the host's scope was cancelled before the thread
+        job = self.job
+        if job.state == _DROPPED:  # the host's scope was cancelled before the thread
             await anyio.sleep_forever()  # started: the caller's own cancellation, at once
-        return await supervise.deliver(self.job)
+        if job.stopped_by_cancel:
+            return await supervise.deliver(job)  # the caller's own cancellation
+        supervise.record(job)
+        return job.result()
 
     def _abort(self, raise_cancel: object) -> Any:
         lowlevel = sys.modules["trio"].lowlevel
