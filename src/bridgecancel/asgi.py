@@ -1,0 +1,326 @@
+"""Web handlers: cancel a request's work when its client leaves, and run sync handlers cancellably.
+
+`CancelOnDisconnectMiddleware` is pure ASGI (no framework is imported): it runs each HTTP
+request's app call in a cancel scope that is cancelled when the client disconnects before
+the response is complete, or when the request runs past an optional deadline. Work the
+handler started with `bridgecancel.run_sync` or `bridgecancel.run_process` then stops
+through its token.
+
+`threaded` turns a plain ``def`` endpoint or dependency into an ``async def`` that runs it
+through `bridgecancel.run_sync`, keeping its signature so FastAPI still injects its
+parameters.
+
+What the servers do, which this module relies on (checked by the tests under real servers):
+uvicorn and hypercorn report a client that left only to an app that calls ``receive()``;
+both report ``http.disconnect`` as soon as a response is complete (uvicorn on every later
+``receive()``, hypercorn once, while the last message is being sent); hypercorn's
+``receive()`` always yields to the event loop before it returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from typing import Any, Final, ParamSpec, TypeVar, overload
+
+import anyio
+
+from ._threads import run_sync
+
+__all__ = ("CancelOnDisconnectMiddleware", "threaded")
+
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
+
+_TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped.\n"
+
+
+class CancelOnDisconnectMiddleware:
+    """ASGI middleware: a client that leaves (or a request past its deadline) cancels its handler.
+
+    Each HTTP request's app call runs in a cancel scope. The scope is cancelled when the
+    client disconnects before the response is complete, so a handler waiting in
+    `bridgecancel.run_sync` or `bridgecancel.run_process` sees its worker's token fire
+    and the worker stop. A disconnect after the response is complete cancels nothing
+    (work the app does after its response, such as background tasks, runs on).
+
+    To see the disconnect, the middleware is the only reader of the server's
+    ``receive``: it reads ahead while the app runs and hands every message to the app,
+    in order and untouched, when the app calls ``receive``. It holds at most about
+    `max_buffered` bytes of request body that the app has not asked for yet (one
+    message is never split, so it may hold one message more); past that it stops
+    reading until the app reads, so that a large upload cannot fill memory. While it has
+    stopped reading, it cannot see a disconnect: detection resumes when the app reads
+    the body.
+
+    ``lifespan`` and ``websocket`` scopes pass through untouched.
+
+    Args:
+        app: the ASGI application to wrap.
+        timeout: seconds a request may run before its handler is cancelled. If no
+            response has started by then, the client gets ``503 Service Unavailable``;
+            if one has, the connection is closed (the response is cut short, never
+            passed off as complete). Once the response is complete, the deadline no
+            longer applies. ``None`` (the default) means no deadline.
+        max_buffered: how many bytes of request body to read ahead of the app
+            (1 MiB by default); 0 reads a message only when none is held.
+
+    Raises:
+        TypeError: if `app` is not callable or an option has the wrong type.
+        ValueError: if `timeout` is not positive or `max_buffered` is negative.
+    """
+
+    def __init__(
+        self,
+        app: _ASGIApp,
+        *,
+        timeout: float | None = None,
+        max_buffered: int = _DEFAULT_MAX_BUFFERED,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"CancelOnDisconnectMiddleware wraps an ASGI app, got {app!r}")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+            if math.isnan(timeout) or timeout <= 0:
+                raise ValueError(
+                    f"timeout must be a positive number of seconds, got {timeout}; "
+                    "pass None for no deadline"
+                )
+        if isinstance(max_buffered, bool) or not isinstance(max_buffered, int):
+            raise TypeError(f"max_buffered must be a number of bytes, got {max_buffered!r}")
+        if max_buffered < 0:
+            raise ValueError(f"max_buffered must be 0 or more bytes, got {max_buffered}")
+        self.app = app
+        self.timeout = timeout
+        self.max_buffered = max_buffered
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        exchange = _Exchange(receive, send, self.max_buffered)
+        if self.timeout is not None:
+            exchange.app_scope.deadline = anyio.current_time() + self.timeout
+        # The app's exception is held until the watcher's task group has exited, so the
+        # server sees it as itself rather than wrapped in an exception group.
+        failure: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(exchange.watch)
+                try:
+                    with exchange.app_scope:
+                        await self.app(scope, exchange.receive, exchange.send)
+                except BaseException as exc:
+                    failure = exc
+                finally:
+                    group.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+        finally:
+            del failure
+        if exchange.timed_out():
+            await exchange.answer_timeout()
+
+
+class _Exchange:
+    """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
+
+    def __init__(self, receive: _Receive, send: _Send, max_buffered: int) -> None:
+        self._server_receive = receive
+        self._server_send = send
+        self._max_buffered = max_buffered
+        self._held: deque[_Message] = deque()
+        self._held_bytes = 0
+        self._disconnect: _Message | None = None
+        self._arrived = anyio.Event()  # replaced each time it is set
+        self._taken = anyio.Event()  # likewise
+        self._trailers = False
+        self.app_scope = anyio.CancelScope()
+        self.response_started = False
+        self.response_complete = False
+
+    async def watch(self) -> None:
+        """Read the server's messages ahead of the app until the client disconnects."""
+        while True:
+            while self._held and self._held_bytes >= self._max_buffered:
+                await self._taken.wait()  # bounded: wait until the app reads
+            message = await self._server_receive()
+            if message["type"] == "http.disconnect":
+                self._disconnect = message
+                if not self.response_complete:
+                    self.app_scope.cancel()
+                self._wake(arrived=True)
+                return  # uvicorn would repeat the disconnect forever
+            self._held.append(message)
+            self._held_bytes += _body_size(message)
+            self._wake(arrived=True)
+
+    async def receive(self) -> _Message:
+        """The app's receive: hands back a held message at once, without yielding.
+
+        Not yielding matters: code such as Starlette's ``is_disconnected()`` calls
+        ``receive`` in an already cancelled scope to poll for a held message.
+        """
+        while True:
+            if self._held:
+                message = self._held.popleft()
+                self._held_bytes -= _body_size(message)
+                self._wake(arrived=False)
+                return message
+            if self._disconnect is not None:
+                return self._disconnect
+            await self._arrived.wait()
+
+    async def send(self, message: _Message) -> None:
+        """The app's send: marks the response complete before its last message goes out.
+
+        Servers report ``http.disconnect`` while that last message is being sent (and
+        after); marking it first makes that disconnect cancel nothing.
+        """
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.response_started = True
+            self._trailers = bool(message.get("trailers", False))
+        elif (
+            (kind in ("http.response.body", "http.response.zerocopysend") and not self._trailers)
+            and not message.get("more_body", False)
+        ) or (
+            (kind == "http.response.trailers" and not message.get("more_trailers", False))
+            or kind == "http.response.pathsend"
+        ):
+            self.response_complete = True
+            self.app_scope.deadline = math.inf  # a complete response is never cut short
+        await self._server_send(message)
+
+    def timed_out(self) -> bool:
+        """True if the deadline stopped the app before its response was complete."""
+        return (
+            self.app_scope.cancelled_caught
+            and self._disconnect is None
+            and not self.response_complete
+        )
+
+    async def answer_timeout(self) -> None:
+        if self.response_started:
+            return  # returning with the response unfinished makes the server close it
+        self.response_complete = True
+        await self._server_send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(_TIMEOUT_BODY)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await self._server_send({"type": "http.response.body", "body": _TIMEOUT_BODY})
+
+    def _wake(self, *, arrived: bool) -> None:
+        if arrived:
+            self._arrived.set()
+            self._arrived = anyio.Event()
+        else:
+            self._taken.set()
+            self._taken = anyio.Event()
+
+
+def _body_size(message: _Message) -> int:
+    body = message.get("body")
+    return len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+
+
+@overload
+def threaded(func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+
+@overload
+def threaded(
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+    interrupt_after: float | None = None,
+) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]: ...
+
+
+def threaded(
+    func: Callable[P, T] | None = None,
+    /,
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+    interrupt_after: float | None = None,
+) -> (
+    Callable[P, Coroutine[Any, Any, T]]
+    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]
+):
+    """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
+
+    For web frameworks that run a plain ``def`` endpoint or dependency in
+    ``anyio.to_thread.run_sync`` (which waits for the thread and gives it no way to
+    stop): decorated, it runs in a worker thread whose `current_token()` fires when the
+    request is cancelled (for instance by `CancelOnDisconnectMiddleware`).
+
+    The wrapper keeps the function's name, docstring and signature (with string
+    annotations evaluated where possible), so FastAPI injects path, query, body and
+    ``Depends`` parameters as it did. Use it bare (``@threaded``) or with `run_sync`'s
+    options (``@threaded(interrupt_after=1.0)``).
+
+    Args:
+        func: a synchronous function (not a coroutine or generator function).
+        limiter: passed to `run_sync`.
+        interrupt_after: passed to `run_sync`.
+
+    Raises:
+        TypeError: if `func` is an async function, a generator function or not callable.
+    """
+    if func is None:
+        return functools.partial(_threaded, limiter=limiter, interrupt_after=interrupt_after)
+    return _threaded(func, limiter=limiter, interrupt_after=interrupt_after)
+
+
+def _threaded(
+    func: Callable[P, T],
+    *,
+    limiter: anyio.CapacityLimiter | None,
+    interrupt_after: float | None,
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    if not callable(func):
+        raise TypeError(f"@threaded decorates a function, got {func!r}")
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(f"{func!r} is already async: @threaded is for plain `def` functions")
+    if inspect.isgeneratorfunction(func):
+        raise TypeError(
+            f"{func!r} is a generator function, which @threaded cannot run in one "
+            "worker call; move the blocking part into a plain function and decorate that"
+        )
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        call = functools.partial(func, *args, **kwargs) if kwargs else func
+        return await run_sync(
+            call, *(() if kwargs else args), limiter=limiter, interrupt_after=interrupt_after
+        )
+
+    wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _signature(func: Callable[..., object]) -> inspect.Signature:
+    # Evaluated annotations: FastAPI resolves string annotations in the wrapper's
+    # module, which is this one, not the user's.
+    try:
+        return inspect.signature(func, eval_str=True)
+    except Exception:  # a name only imported under TYPE_CHECKING, say
+        return inspect.signature(func)
