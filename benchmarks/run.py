@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-AREAS = ("threads", "processes", "blocking")
+AREAS = ("threads", "processes", "blocking", "web")
 
 
 def _make_importable() -> None:
