@@ -1,0 +1,155 @@
+"""Real ASGI servers on loopback, run in the test's own event loop, and raw-socket clients.
+
+uvicorn runs on asyncio only; hypercorn runs on the test's backend (its asyncio or its trio
+worker). The listening socket is bound before the server starts, so a client can connect at
+once (the connection waits in the backlog until the server accepts it).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from bridgecancel._bridge import on_trio
+
+SERVERS = ("uvicorn", "hypercorn")
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+@asynccontextmanager
+async def serve(server: str, app: Any) -> AsyncIterator[int]:
+    """Serve `app` with `server` on 127.0.0.1 for the block; yield the port."""
+    if server == "uvicorn":
+        async with _uvicorn(app) as port:
+            yield port
+    elif server == "hypercorn":
+        async with _hypercorn(app) as port:
+            yield port
+    else:  # pragma: no cover - a typo in a test's parameters
+        raise ValueError(server)
+
+
+@asynccontextmanager
+async def _uvicorn(app: Any) -> AsyncIterator[int]:
+    import uvicorn
+
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.serve, [sock])
+            try:
+                yield port
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+
+
+@asynccontextmanager
+async def _hypercorn(app: Any) -> AsyncIterator[int]:
+    from hypercorn.config import Config
+
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns and closes it
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 5
+    stop = anyio.Event()
+    if on_trio():
+        from hypercorn.trio import serve as serve_hypercorn
+    else:
+        from hypercorn.asyncio import serve as serve_hypercorn
+    async with anyio.create_task_group() as group:
+        group.start_soon(_run_hypercorn, serve_hypercorn, app, config, stop)
+        try:
+            yield port
+        finally:
+            stop.set()
+
+
+async def _run_hypercorn(serve_hypercorn: Any, app: Any, config: Any, stop: anyio.Event) -> None:
+    await serve_hypercorn(app, config, shutdown_trigger=stop.wait, mode="asgi")
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+def http_request(
+    method: str = "GET",
+    path: str = "/",
+    body: bytes = b"",
+    *,
+    headers: dict[str, str] | None = None,
+    close: bool = True,
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if body or method in ("POST", "PUT"):
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def connect(port: int) -> anyio.abc.SocketStream:
+    return await anyio.connect_tcp("127.0.0.1", port)
+
+
+async def read_all(stream: anyio.abc.SocketStream) -> bytes:
+    """Read until the server closes the connection (or resets it)."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return b"".join(chunks)
+
+
+async def fetch(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send one request with ``Connection: close``; return (status, body)."""
+    async with await connect(port) as stream:
+        await stream.send(request)
+        response = await read_all(stream)
+    return parse(response)
+
+
+def parse(response: bytes) -> tuple[int, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    if not head:
+        return 0, b""
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(data[:size])
+        data = data[size + 2 :]
+    return b"".join(out)

@@ -1,0 +1,446 @@
+"""CancelOnDisconnectMiddleware under real servers on loopback, with raw ASGI apps and raw sockets.
+
+Each test runs under uvicorn (asyncio) and under hypercorn on both of its workers (asyncio
+and trio), in the test's own event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+
+import bridgecancel
+from _servers import connect, fetch, http_request, parse, read_all, serve
+from bridgecancel.asgi import CancelOnDisconnectMiddleware
+
+pytestmark = pytest.mark.anyio
+
+Scope = dict[str, Any]
+App = Callable[..., Any]
+
+# How long a worker would block if nobody cancelled it; a test that waits this long failed.
+FOREVER = 30.0
+# Generous bound for "promptly" (a test is not a benchmark; the benchmarks measure it).
+PROMPTLY = 2.0
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
+        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
+        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
+    ]
+)
+def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(server_and_backend: tuple[str, str]) -> str:
+    return server_and_backend[1]
+
+
+@pytest.fixture
+def server(server_and_backend: tuple[str, str]) -> str:
+    return server_and_backend[0]
+
+
+class Probe:
+    """What a handler's blocking worker did, seen from the test."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()  # the worker is blocked on its token
+        self.done = anyio.Event()  # the handler has left run_sync (either way)
+        self.fired: bool | None = None  # whether the worker's token fired
+        self.fired_at = math.inf
+        self.reason: str | None = None
+        self.cancelled = False  # whether the handler saw a cancellation
+
+    def block(self, seconds: float = FOREVER) -> bool:
+        """Runs in the worker: wait on the job's token for up to `seconds`."""
+        token = bridgecancel.current_token()
+        anyio.from_thread.run_sync(self.started.set)
+        self.fired = token.wait(seconds)
+        self.fired_at = time.monotonic()
+        self.reason = token.reason
+        token.check()  # a worker that saw its token fire stops with Cancelled
+        return self.fired
+
+    async def run_blocking(self, seconds: float = FOREVER) -> None:
+        """Runs in the handler: the blocking work, through bridgecancel.run_sync."""
+        try:
+            await bridgecancel.run_sync(self.block, seconds)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled = True
+            raise
+        finally:
+            self.done.set()
+
+
+async def respond(send: Any, body: bytes = b"ok", status: int = 200) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def with_ping(handler: App) -> App:
+    """Route ``/ping`` to a plain 200, other requests to `handler`; answer lifespan events."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # hypercorn always runs it
+            await lifespan(receive, send)
+        elif scope["path"] == "/ping":
+            await respond(send, b"pong")
+        else:
+            await handler(scope, receive, send)
+
+    return app
+
+
+async def still_serving(port: int) -> None:
+    assert await fetch(port, http_request(path="/ping")) == (200, b"pong")
+
+
+def assert_no_worker_running() -> None:
+    assert bridgecancel.statistics().threads.running == 0
+
+
+async def test_client_leaving_mid_request_stops_the_worker(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await probe.run_blocking()
+        await respond(send)
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/work"))
+        with anyio.fail_after(10):
+            await probe.started.wait()
+        left_at = time.monotonic()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert probe.fired is True
+        assert probe.fired_at - left_at < PROMPTLY
+        assert probe.reason is not None
+        assert probe.cancelled
+        assert_no_worker_running()
+        await still_serving(port)
+
+
+async def test_without_the_middleware_the_server_does_not_cancel(server: str) -> None:
+    """Why the middleware exists: the server leaves a handler running after its client left."""
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await probe.run_blocking(0.3)
+        await respond(send)
+
+    async with serve(server, with_ping(handler)) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/work"))
+        with anyio.fail_after(10):
+            await probe.started.wait()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert probe.fired is False  # ran its full time
+        assert not probe.cancelled
+        await still_serving(port)
+
+
+async def test_a_client_that_waits_gets_its_response(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await probe.run_blocking(0.05)
+        await respond(send, b"finished")
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        assert await fetch(port, http_request(path="/work")) == (200, b"finished")
+        assert probe.fired is False
+        assert not probe.cancelled
+
+
+async def test_a_disconnect_after_the_response_cancels_nothing(server: str) -> None:
+    """Servers report a disconnect as the response completes; work after it runs on."""
+    probe = Probe()
+    after_response = anyio.Event()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await respond(send, b"early")
+        after_response.set()
+        await probe.run_blocking(0.3)  # like a background task
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        assert await fetch(port, http_request(path="/work")) == (200, b"early")
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert after_response.is_set()
+        assert probe.fired is False
+        assert not probe.cancelled
+        await still_serving(port)
+
+
+async def test_keep_alive_connection_serves_the_next_request(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await respond(send, b"first")
+        await probe.run_blocking(0.05)
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        async with await connect(port) as client:
+            await client.send(http_request(path="/work", close=False))
+            await client.send(http_request(path="/ping"))
+            responses = await read_all(client)
+        assert responses.count(b"HTTP/1.1 200") == 2
+        assert responses.endswith(b"pong")
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert probe.fired is False
+
+
+async def test_a_streaming_response_stops_when_the_client_leaves(server: str) -> None:
+    sent = []
+    stopped = anyio.Event()
+    outcome: list[str] = []
+
+    async def streamer(scope: Scope, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        try:
+            while True:  # a raw ASGI streamer that never looks at receive()
+                await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+                sent.append(1)
+                await anyio.sleep(0.01)
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        except BaseException as exc:
+            outcome.append(repr(exc))
+            raise
+        finally:
+            stopped.set()
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(streamer))) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/stream"))
+        assert b"200" in await client.receive()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await stopped.wait()
+        assert outcome == ["cancelled"]
+        await still_serving(port)
+
+
+async def test_posted_body_is_replayed_after_the_middleware_read_it(server: str) -> None:
+    """The app reads the body only after the middleware has read all of it from the server."""
+    body = bytes(range(256)) * 800  # 200 KiB: several messages on both servers
+    read_by_middleware = anyio.Event()
+
+    def record_reads(app: App) -> App:
+        # Outside the middleware: sees what it reads from the server.
+        async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
+            async def recording_receive() -> Any:
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body"):
+                    read_by_middleware.set()
+                return message
+
+            await app(scope, recording_receive, send)
+
+        return wrapped
+
+    async def echo(scope: Scope, receive: Any, send: Any) -> None:
+        await read_by_middleware.wait()
+        chunks = []
+        while True:
+            message = await receive()
+            assert message["type"] == "http.request"
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await respond(send, hashlib.sha256(b"".join(chunks)).hexdigest().encode())
+
+    app = record_reads(CancelOnDisconnectMiddleware(with_ping(echo)))
+    async with serve(server, app) as port:
+        with anyio.fail_after(10):
+            status, digest = await fetch(port, http_request("POST", "/echo", body))
+        assert status == 200
+        assert digest == hashlib.sha256(body).hexdigest().encode()
+        await still_serving(port)
+
+
+async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> None:
+    """A body larger than max_buffered still arrives whole, read as the app asks for it."""
+    body = b"0123456789abcdef" * 65536  # 1 MiB against a 64 KiB bound
+    held_at_start: list[int] = []
+
+    def count_reads(app: App) -> App:
+        async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
+            read = [0]
+
+            async def counting_receive() -> Any:
+                message = await receive()
+                read[0] += len(message.get("body", b""))
+                return message
+
+            scope["test.bytes_read"] = read
+            await app(scope, counting_receive, send)
+
+        return wrapped
+
+    async def slow_reader(scope: Scope, receive: Any, send: Any) -> None:
+        # Let the middleware read ahead as far as it will before the app reads.
+        await anyio.wait_all_tasks_blocked()
+        held_at_start.append(scope["test.bytes_read"][0])
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await respond(send, str(size).encode())
+
+    limit = 64 * 1024
+    app = count_reads(CancelOnDisconnectMiddleware(with_ping(slow_reader), max_buffered=limit))
+    async with serve(server, app) as port:
+        with anyio.fail_after(10):
+            assert await fetch(port, http_request("POST", "/upload", body)) == (
+                200,
+                str(len(body)).encode(),
+            )
+    # Each server hands over at most 64 KiB at once (uvicorn may join what it has).
+    assert held_at_start[0] <= limit + 256 * 1024
+
+
+async def test_deadline_before_the_response_answers_503(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await probe.run_blocking()
+        await respond(send)
+
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.2)
+    async with serve(server, app) as port:
+        with anyio.fail_after(10):
+            status, body = await fetch(port, http_request(path="/work"))
+        assert status == 503
+        assert b"took longer" in body
+        assert probe.fired is True
+        assert probe.cancelled
+        assert_no_worker_running()
+        await still_serving(port)
+
+
+async def test_deadline_after_the_response_started_closes_the_connection(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        await probe.run_blocking()
+        await send({"type": "http.response.body", "body": b"rest"})
+
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.3)
+    async with serve(server, app) as port:
+        async with await connect(port) as client:
+            await client.send(http_request(path="/work"))
+            with anyio.fail_after(10):
+                response = await read_all(client)  # ends: the server closed the connection
+        assert response.startswith(b"HTTP/1.1 200")
+        assert b"partial" in response
+        assert not response.endswith(b"0\r\n\r\n")  # no final chunk: cut short, not complete
+        assert b"rest" not in response
+        assert probe.fired is True
+        assert_no_worker_running()
+        await still_serving(port)
+
+
+async def test_deadline_does_not_cut_a_response_that_completed(server: str) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await respond(send, b"done")
+        await probe.run_blocking(0.4)  # runs past the deadline, after the response
+
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.2)
+    async with serve(server, app) as port:
+        assert await fetch(port, http_request(path="/work")) == (200, b"done")
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert probe.fired is False
+        assert not probe.cancelled
+
+
+async def test_app_error_reaches_the_server_as_itself(server: str) -> None:
+    async def failing(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        raise LookupError("boom")
+
+    seen: list[BaseException] = []
+
+    def outermost(app: App) -> App:
+        async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
+            try:
+                await app(scope, receive, send)
+            except BaseException as exc:
+                seen.append(exc)
+                await respond(send, b"handled", status=500)
+
+        return wrapped
+
+    app = outermost(CancelOnDisconnectMiddleware(with_ping(failing)))
+    async with serve(server, app) as port:
+        assert await fetch(port, http_request(path="/fail")) == (500, b"handled")
+        await still_serving(port)
+    assert len(seen) == 1
+    assert type(seen[0]) is LookupError
+
+
+async def test_response_is_parsed_whole(server: str) -> None:
+    """The helper the other tests use: a chunked streaming response parses to its body."""
+
+    async def chunks(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"a", b"bc", b"def"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with serve(server, CancelOnDisconnectMiddleware(chunks)) as port:
+        client = await connect(port)
+        async with client:
+            await client.send(http_request(path="/"))
+            assert parse(await read_all(client)) == (200, b"abcdef")
