@@ -15,7 +15,6 @@ with a reason that says so; under CI they fail instead.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import pytest
 from fastapi import FastAPI
 
 import bridgecancel
+from _servers import connect, fetch, http_request, listening_socket
 from bridgecancel.asgi import CancelOnDisconnectMiddleware
 from test_recipes import load  # tests/ is on sys.path (pytest's rootdir import mode)
 
@@ -186,106 +186,150 @@ def test_pg_disarm_waits_for_a_cancel_on_its_way() -> None:
 
 
 @asynccontextmanager
-async def serve(app: Any, backend: str) -> AsyncIterator[int]:
-    """Serve `app` on 127.0.0.1 (uvicorn on asyncio, hypercorn's trio worker on trio)."""
-    if backend == "asyncio":
+async def serve(server: str, backend: str, app: Any) -> AsyncIterator[int]:
+    """Serve `app` on 127.0.0.1 with its lifespan (the PostgreSQL app connects there).
+
+    Unlike ``_servers.serve`` (lifespan off), uvicorn binds its own socket here, with
+    lifespan on; hypercorn runs on the test's backend, asyncio or trio.
+    """
+    if server == "uvicorn":
         import uvicorn
 
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
-        server = uvicorn.Server(config)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, lifespan="on", log_config=None, access_log=False
+        )
+        instance = uvicorn.Server(config)
         async with anyio.create_task_group() as group:
-            group.start_soon(server.serve, [listener])
+            group.start_soon(instance.serve)
             with anyio.fail_after(PATIENCE):
-                while not server.started:
+                while not instance.started:
                     await anyio.sleep(0.01)
             try:
-                yield port
+                yield instance.servers[0].sockets[0].getsockname()[1]
             finally:
-                server.should_exit = True
+                instance.should_exit = True
     else:
-        import trio
         from hypercorn.config import Config
-        from hypercorn.trio import serve as hypercorn_serve
 
+        if backend == "trio":
+            from hypercorn.trio import serve as hypercorn_serve
+        else:
+            from hypercorn.asyncio import serve as hypercorn_serve
+        listener = listening_socket()
+        port = listener.getsockname()[1]
         config = Config()
-        config.bind = ["127.0.0.1:0"]
+        config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
         config.accesslog = None
+        config.errorlog = None
         config.graceful_timeout = PATIENCE
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                lambda task_status: hypercorn_serve(
-                    app, config, shutdown_trigger=stop.wait, task_status=task_status
-                )
+        stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: hypercorn_serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
             )
             try:
-                yield int(binds[0].rsplit(":", 1)[1])
+                # hypercorn accepts connections only once the lifespan startup is done: a
+                # first answer (any status) says the app is ready.
+                with anyio.fail_after(PATIENCE):
+                    await fetch(port, http_request("GET", "/"))
+                yield port
             finally:
                 stop.set()
 
 
 @asynccontextmanager
-async def client_request(port: int, request: bytes) -> AsyncIterator[anyio.abc.SocketStream]:
-    """A raw-socket client that sends `request` and leaves (closes) at the block's end."""
-    stream = await anyio.connect_tcp("127.0.0.1", port)
-    async with stream:
-        await stream.send(request)
-        yield stream
+async def client_leaves_after(port: int, path: str) -> AsyncIterator[None]:
+    """A raw-socket client that asks for `path` and leaves (closes) at the block's end."""
+    async with await connect(port) as stream:
+        await stream.send(http_request("GET", path, close=False))
+        yield
 
 
-async def get(port: int, path: str) -> bytes:
-    """A whole GET response, head and body."""
-    stream = await anyio.connect_tcp("127.0.0.1", port)
-    async with stream:
-        await stream.send(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        with anyio.fail_after(PATIENCE):
-            while True:
-                try:
-                    response += await stream.receive()
-                except anyio.EndOfStream:
-                    return response
+@pytest.fixture(
+    params=[
+        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
+        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
+        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
+    ]
+)
+def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
 
 
-def _get_request(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+class TestUnderRealServers:
+    """Each test once per server: uvicorn, hypercorn on asyncio, hypercorn's trio worker."""
 
+    @pytest.fixture
+    def anyio_backend(self, server_and_backend: tuple[str, str]) -> str:
+        return server_and_backend[1]
 
-async def test_pg_client_leaves_and_the_query_leaves_pg_stat_activity(
-    anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
-) -> None:
-    app = pg_recipe.make_app(pg_dsn)
-    async with serve(app, anyio_backend) as port:
-        pid = app.state.backend_pid
-        async with client_request(port, _get_request("/sleep?seconds=30")):
-            await wait_until(lambda: active_queries(monitor, pid) == 1)
-        # The client has closed its socket.
-        gone = await wait_until(lambda: active_queries(monitor, pid) == 0)
-        assert gone < PROMPT
-        response = await get(port, "/one")
-        assert response.startswith(b"HTTP/1.1 200")
-        assert response.endswith(b'{"one":1}')
-        assert app.state.backend_pid == pid  # the same connection served it
+    @pytest.fixture
+    def server(self, server_and_backend: tuple[str, str]) -> str:
+        return server_and_backend[0]
 
+    async def test_pg_client_leaves_and_the_query_leaves_pg_stat_activity(
+        self, server: str, anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
+    ) -> None:
+        app = pg_recipe.make_app(pg_dsn)
+        async with serve(server, anyio_backend, app) as port:
+            pid = app.state.backend_pid
+            async with client_leaves_after(port, "/sleep?seconds=30"):
+                await wait_until(lambda: active_queries(monitor, pid) == 1)
+            # The client has closed its socket.
+            gone = await wait_until(lambda: active_queries(monitor, pid) == 0)
+            assert gone < PROMPT
+            assert await fetch(port, http_request("GET", "/one")) == (200, b'{"one":1}')
+            assert app.state.backend_pid == pid  # the same connection served it
 
-async def test_pg_without_the_middleware_the_query_runs_on(
-    anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
-) -> None:
-    # The anchor: the same app without the middleware. The server does not cancel the
-    # handler when its client leaves, so the query runs to its end.
-    app = pg_recipe.make_app(pg_dsn)
-    app.user_middleware.clear()  # before the app starts: Starlette builds its stack then
-    async with serve(app, anyio_backend) as port:
-        pid = app.state.backend_pid
-        async with client_request(port, _get_request("/sleep?seconds=2")):
-            await wait_until(lambda: active_queries(monitor, pid) == 1)
-        gone = await anyio.to_thread.run_sync(
-            pg_recipe._wait_for, lambda: active_queries(monitor, pid) == 0, PROMPT
-        )
-        assert gone is None, f"the query stopped {gone} s after the client left"
-        await wait_until(lambda: active_queries(monitor, pid) == 0)  # its natural end
+    async def test_pg_without_the_middleware_the_query_runs_on(
+        self, server: str, anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
+    ) -> None:
+        # The anchor: the same app without the middleware. The server does not cancel the
+        # handler when its client leaves, so the query runs to its end.
+        app = pg_recipe.make_app(pg_dsn)
+        app.user_middleware.clear()  # before the app starts: Starlette builds its stack then
+        async with serve(server, anyio_backend, app) as port:
+            pid = app.state.backend_pid
+            async with client_leaves_after(port, "/sleep?seconds=2"):
+                await wait_until(lambda: active_queries(monitor, pid) == 1)
+            gone = await anyio.to_thread.run_sync(
+                pg_recipe._wait_for, lambda: active_queries(monitor, pid) == 0, PROMPT
+            )
+            assert gone is None, f"the query stopped {gone} s after the client left"
+            await wait_until(lambda: active_queries(monitor, pid) == 0)  # its natural end
+
+    async def test_sqlite_client_leaves_and_the_query_is_interrupted(
+        self, server: str, anyio_backend: str
+    ) -> None:
+        recorder = Recorder()
+        app = worker_app(recorder, sqlite_recipe.query_one, ":memory:", sqlite_recipe.SLOW_QUERY)
+        stopped = await leave_once_started(server, anyio_backend, app, recorder)
+        assert recorder.outcome == "cancelled"
+        assert stopped < PROMPT
+
+    async def test_http_download_client_leaves_and_the_download_stops(
+        self, server: str, anyio_backend: str
+    ) -> None:
+        served: list[str] = []
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        http_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as upstream:
+            upstream.start_soon(listener.serve, lambda s: _slow_http(s, served))
+            recorder = Recorder()
+            received: list[int] = [0]
+            app = worker_app(
+                recorder, socket_recipe.http_get, "127.0.0.1", http_port, "/big", received
+            )
+            stopped = await leave_once_started(
+                server, anyio_backend, app, recorder, ready=lambda: received[-1] > 0
+            )
+            assert recorder.outcome == "cancelled"
+            assert stopped < PROMPT
+            # The download's socket was shut down: the upstream server saw its client go.
+            with anyio.fail_after(PATIENCE):
+                while not served:
+                    await anyio.sleep(0.01)
+            upstream.cancel_scope.cancel()
 
 
 # -- SQLite and an HTTP download, the same way ----------------------------------------------
@@ -329,27 +373,21 @@ def worker_app(recorder: Recorder, fn: Callable[..., object], *args: object) -> 
 
 
 async def leave_once_started(
-    app: FastAPI, recorder: Recorder, backend: str, ready: Callable[[], bool] = lambda: True
+    server: str, backend: str, app: FastAPI, recorder: Recorder,
+    ready: Callable[[], bool] = lambda: True,
 ) -> float:
     """Run /work, leave once the worker runs and `ready()`; seconds from leaving to its end."""
-    async with serve(app, backend) as port:
-        async with client_request(port, _get_request("/work")):
+    async with serve(server, backend, app) as port:
+        async with client_leaves_after(port, "/work"):
             assert await anyio.to_thread.run_sync(recorder.started.wait, PATIENCE)
             await wait_until(ready)
             left = time.perf_counter()
         assert await anyio.to_thread.run_sync(recorder.ended.wait, PATIENCE)
         stopped = time.perf_counter() - left
         # The server serves on.
-        assert (await get(port, "/docs")).startswith(b"HTTP/1.1 200")
+        status, _ = await fetch(port, http_request("GET", "/docs"))
+        assert status == 200
     return stopped
-
-
-async def test_sqlite_client_leaves_and_the_query_is_interrupted(anyio_backend: str) -> None:
-    recorder = Recorder()
-    app = worker_app(recorder, sqlite_recipe.query_one, ":memory:", sqlite_recipe.SLOW_QUERY)
-    stopped = await leave_once_started(app, recorder, anyio_backend)
-    assert recorder.outcome == "cancelled"
-    assert stopped < PROMPT
 
 
 async def _slow_http(stream: anyio.abc.SocketStream, served: list[str]) -> None:
@@ -363,29 +401,6 @@ async def _slow_http(stream: anyio.abc.SocketStream, served: list[str]) -> None:
                 await anyio.sleep(0.01)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
             served.append("client went away")
-
-
-async def test_http_download_client_leaves_and_the_download_stops(anyio_backend: str) -> None:
-    served: list[str] = []
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    http_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as upstream:
-        upstream.start_soon(listener.serve, lambda s: _slow_http(s, served))
-        recorder = Recorder()
-        received: list[int] = [0]
-        app = worker_app(
-            recorder, socket_recipe.http_get, "127.0.0.1", http_port, "/big", received
-        )
-        stopped = await leave_once_started(
-            app, recorder, anyio_backend, ready=lambda: received[-1] > 0
-        )
-        assert recorder.outcome == "cancelled"
-        assert stopped < PROMPT
-        # The download's socket was shut down: the upstream server saw its client go.
-        with anyio.fail_after(PATIENCE):
-            while not served:
-                await anyio.sleep(0.01)
-        upstream.cancel_scope.cancel()
 
 
 async def test_http_download_completes(anyio_backend: str) -> None:
