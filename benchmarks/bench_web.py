@@ -420,7 +420,7 @@ def run(quick: bool) -> dict[str, Any]:
     else:
         latency = bench_latency(samples=300, anchor_samples=6, rounds=6, job_seconds=0.5)
         per_call = bench_per_call(rounds=8, calls=10_000)
-        rps_args = {"rounds": 8, "seconds": 4.0, "connections": 16}
+        rps_args = {"rounds": 6, "seconds": 3.0, "connections": 16}
     rps = bench_rps(**rps_args) if shutil.which("wrk") else None
     if rps is None:
         print(WRK_MISSING)

@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -142,7 +142,7 @@ def _active_queries(monitor: psycopg.Connection[Any], pid: int) -> int:
     return int(row[0])
 
 
-def _wait_for(predicate: Any, timeout: float) -> float | None:
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> float | None:
     """Seconds until `predicate()` is true, polled every 5 ms; None on timeout."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
@@ -173,13 +173,13 @@ def _get(port: int, path: str) -> bytes:
 
 async def main(dsn: str) -> None:
     app = make_app(dsn)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
     async with anyio.create_task_group() as group:
-        group.start_soon(server.serve, [listener])
+        group.start_soon(server.serve)
         while not server.started:
             await anyio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
         pid = app.state.backend_pid
         with psycopg.connect(dsn, autocommit=True) as monitor:
             gone = await anyio.to_thread.run_sync(_client_leaves, port, monitor, pid)
