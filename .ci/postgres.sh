@@ -5,6 +5,9 @@
 #   bash .ci/postgres.sh --no-install                  # never apt-get (what the tests run)
 #   bash .ci/postgres.sh --stop                        # stop the server this script started
 #
+# The server keeps running after the script exits (and after the tests), so the next run
+# and concurrent runs reuse it; stop it with --stop.
+#
 # Idempotent: a server already answering on the port is reused as it is; a data folder
 # left by an earlier run is started again. Settings, from the environment:
 #   BRIDGECANCEL_PG_PORT  port on 127.0.0.1 (default 54329, away from a system cluster)
@@ -82,6 +85,15 @@ else
         fi
         chmod 700 "$dir"
         as_owner "$bin/initdb" -D "$dir" -U "$user" --auth=trust -E UTF8 --no-sync >/dev/null
+    fi
+    # A lock file left by a server that was killed (the machine or the session ended):
+    # if its pid is now some other process, the server would refuse to start.
+    if [ -f "$dir/postmaster.pid" ]; then
+        pid=$(head -n 1 "$dir/postmaster.pid")
+        if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != postgres ]; then
+            log "removing a stale lock file (pid $pid is not a postgres server)"
+            rm -f "$dir/postmaster.pid"
+        fi
     fi
     log "starting the server on 127.0.0.1:$port"
     # The socket folder is the data folder: /var/run/postgresql may not exist or be ours.

@@ -58,10 +58,13 @@ def _pg_unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A DSN of a reachable PostgreSQL server: the given one, or one started here."""
+def pg_server() -> str:
+    """A DSN of a reachable PostgreSQL server: the given one, or one started here.
+
+    A server started here is left running, like one ``.ci/postgres.sh`` starts for CI:
+    a later or concurrent test run reuses it (``.ci/postgres.sh --stop`` stops it).
+    """
     dsn = os.environ.get("BRIDGECANCEL_TEST_PG_DSN")
-    started_here = False
     if not dsn:
         script = ROOT / ".ci" / "postgres.sh"
         try:
@@ -74,15 +77,11 @@ def pg_server() -> Iterator[str]:
         if result.returncode != 0:
             _pg_unavailable(f"{script} could not start a server: {result.stderr.strip()}")
         dsn = result.stdout.strip()
-        started_here = "starting the server" in result.stderr
     try:
         psycopg.connect(dsn, connect_timeout=10).close()
     except psycopg.OperationalError as exc:
         _pg_unavailable(f"no PostgreSQL answers at {dsn!r} ({exc})")
-    yield dsn
-    if started_here:
-        subprocess.run(["bash", str(ROOT / ".ci" / "postgres.sh"), "--stop"],
-                       capture_output=True, timeout=60, check=False)
+    return dsn
 
 
 @pytest.fixture
