@@ -3,8 +3,8 @@
 A FastAPI endpoint runs blocking work through `run_sync` under
 `CancelOnDisconnectMiddleware`; a raw-socket client asks for it and leaves; the work
 must stop on the far side (PostgreSQL, SQLite, an HTTP server) and the endpoint's
-resources must stay usable. On asyncio the server is uvicorn; on trio it is hypercorn's
-trio worker.
+resources must stay usable. Each runs under uvicorn, hypercorn on asyncio and hypercorn's
+trio worker; the worker-side recipes also run without a server, on asyncio and trio.
 
 PostgreSQL comes from ``BRIDGECANCEL_TEST_PG_DSN`` (``.ci/run`` sets it with
 ``.ci/postgres.sh``), or else from ``.ci/postgres.sh --no-install`` started here. Only
@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import psycopg
@@ -48,7 +48,7 @@ pytestmark = pytest.mark.anyio
 # -- PostgreSQL -------------------------------------------------------------------------
 
 
-def _pg_unavailable(reason: str) -> None:
+def _pg_unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run the PostgreSQL tests, but {reason}", pytrace=False)
     pytest.skip(
@@ -137,7 +137,7 @@ async def test_pg_query_stops_on_the_server_when_the_scope_is_cancelled(
 
 
 async def test_pg_cancel_from_elsewhere_is_not_mistaken_for_ours(
-    anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
+    anyio_backend: str, pg_dsn: str
 ) -> None:
     # statement_timeout cancels the query too; the recipe must not call that Cancelled.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -170,7 +170,9 @@ def test_pg_disarm_waits_for_a_cancel_on_its_way() -> None:
         name="test disarm",
     )
     disarming.start()
-    assert not disarmed  # still waiting: the cancel is on its way
+    disarming.join(0.2)
+    assert disarming.is_alive()  # still waiting: the cancel is on its way
+    assert not disarmed
     release.set()
     firing.join(PATIENCE)
     disarming.join(PATIENCE)
