@@ -45,7 +45,9 @@ from fastapi import FastAPI, Request
 from psycopg.abc import Query
 
 from bridgecancel import current_token, run_sync
-from bridgecancel.asgi import CancelOnDisconnectMiddleware
+from bridgecancel.asgi import CancelOnDisconnectMiddleware, threaded
+
+THREADED_APP = "bridgecancel recipe, threaded"
 
 
 class _Canceller:
@@ -99,6 +101,9 @@ def make_app(dsn: str) -> FastAPI:
 
     ``GET /sleep?seconds=30`` runs ``pg_sleep``; ``GET /one`` runs ``SELECT 1``. The
     connection's backend pid is ``app.state.backend_pid`` once the app has started.
+    ``GET /sleep-threaded?seconds=30`` does the same in a plain ``def`` endpoint made
+    cancellable with ``@threaded``, on a connection of its own per request (its
+    ``application_name`` is `THREADED_APP`).
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,6 +131,13 @@ def make_app(dsn: str) -> FastAPI:
     @app.get("/one")
     async def one(request: Request) -> dict[str, Any]:
         return {"one": await run_query(request, "SELECT 1")}
+
+    @app.get("/sleep-threaded")
+    @threaded  # FastAPI's plain-def style, run through run_sync: the token works inside
+    def sleep_threaded(seconds: float = 30.0) -> dict[str, str]:
+        with psycopg.connect(dsn, autocommit=True, application_name=THREADED_APP) as conn:
+            query(conn, "SELECT pg_sleep(%s)", (seconds,))
+        return {"slept": str(seconds)}
 
     app.add_middleware(CancelOnDisconnectMiddleware)
     return app

@@ -282,6 +282,28 @@ class TestUnderRealServers:
             assert await fetch(port, http_request("GET", "/one")) == (200, b'{"one":1}')
             assert app.state.backend_pid == pid  # the same connection served it
 
+    async def test_pg_threaded_def_endpoint_stops_its_query_too(
+        self, server: str, anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
+    ) -> None:
+        app = pg_recipe.make_app(pg_dsn)
+
+        def running() -> int:
+            row = monitor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = %s AND state = 'active'",
+                (pg_recipe.THREADED_APP,),
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        async with serve(server, anyio_backend, app) as port:
+            async with client_leaves_after(port, "/sleep-threaded?seconds=30"):
+                await wait_until(lambda: running() == 1)
+            gone = await wait_until(lambda: running() == 0)
+            assert gone < PROMPT
+            status, body = await fetch(port, http_request("GET", "/sleep-threaded?seconds=0"))
+            assert (status, body) == (200, b'{"slept":"0.0"}')
+
     async def test_pg_without_the_middleware_the_query_runs_on(
         self, server: str, anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
     ) -> None:
