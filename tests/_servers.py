@@ -7,17 +7,24 @@ once (the connection waits in the backlog until the server accepts it).
 
 from __future__ import annotations
 
+import math
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 
+import bridgecancel
 from bridgecancel._bridge import on_trio
 
-SERVERS = ("uvicorn", "hypercorn")
+# How long a worker would block if nobody cancelled it; a test that waits this long failed.
+FOREVER = 30.0
+# Generous bound for "promptly" (a test is not a benchmark; the benchmarks measure it).
+PROMPTLY = 2.0
 
 
 def listening_socket() -> socket.socket:
@@ -90,6 +97,58 @@ async def _run_hypercorn(serve_hypercorn: Any, app: Any, config: Any, stop: anyi
     await serve_hypercorn(app, config, shutdown_trigger=stop.wait, mode="asgi")
 
 
+# ---------------------------------------------------------------------------- handlers
+
+
+class Probe:
+    """What a handler's blocking worker did, seen from the test."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()  # the worker is blocked on its token
+        self.done = anyio.Event()  # the handler has left run_sync (either way)
+        self.fired: bool | None = None  # whether the worker's token fired
+        self.fired_at = math.inf
+        self.reason: str | None = None
+        self.cancelled = False  # whether the handler saw a cancellation
+
+    def block(self, seconds: float = FOREVER) -> bool:
+        """Runs in the worker: wait on the job's token for up to `seconds`."""
+        token = bridgecancel.current_token()
+        anyio.from_thread.run_sync(self.started.set)
+        self.fired = token.wait(seconds)
+        self.fired_at = time.monotonic()
+        self.reason = token.reason
+        token.check()  # a worker that saw its token fire stops with Cancelled
+        return self.fired
+
+    async def run_blocking(self, seconds: float = FOREVER) -> None:
+        """Runs in the handler: the blocking work, through bridgecancel.run_sync."""
+        try:
+            await bridgecancel.run_sync(self.block, seconds)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled = True
+            raise
+        finally:
+            self.done.set()
+
+
+def watch_body_reads(app: Any) -> tuple[Any, anyio.Event]:
+    """Wrap `app` (outside the middleware): the event is set once the server's last body
+    message has been read, so a handler can wait for it before reading the body itself."""
+    read_all_body = anyio.Event()
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        async def recording_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body"):
+                read_all_body.set()
+            return message
+
+        await app(scope, recording_receive, send)
+
+    return wrapped, read_all_body
+
+
 # ---------------------------------------------------------------------------- clients
 
 
@@ -131,6 +190,20 @@ async def fetch(port: int, request: bytes) -> tuple[int, bytes]:
         await stream.send(request)
         response = await read_all(stream)
     return parse(response)
+
+
+async def leave_while_blocked(port: int, probe: Probe, request: bytes) -> float:
+    """Send `request`, close the connection once the handler's worker is blocked; wait for
+    the handler to leave run_sync. Returns when the client left."""
+    client = await connect(port)
+    await client.send(request)
+    with anyio.fail_after(10):
+        await probe.started.wait()
+    left_at = time.monotonic()
+    await client.aclose()
+    with anyio.fail_after(10):
+        await probe.done.wait()
+    return left_at
 
 
 def parse(response: bytes) -> tuple[int, bytes]:

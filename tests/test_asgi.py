@@ -7,28 +7,34 @@ and trio), in the test's own event loop.
 from __future__ import annotations
 
 import hashlib
-import math
-import time
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.from_thread
+import anyio.to_thread
 import pytest
 
 import bridgecancel
-from _servers import connect, fetch, http_request, parse, read_all, serve
+from _servers import (
+    FOREVER,
+    PROMPTLY,
+    Probe,
+    connect,
+    fetch,
+    http_request,
+    leave_while_blocked,
+    parse,
+    read_all,
+    serve,
+    watch_body_reads,
+)
 from bridgecancel.asgi import CancelOnDisconnectMiddleware
 
 pytestmark = pytest.mark.anyio
 
 Scope = dict[str, Any]
 App = Callable[..., Any]
-
-# How long a worker would block if nobody cancelled it; a test that waits this long failed.
-FOREVER = 30.0
-# Generous bound for "promptly" (a test is not a benchmark; the benchmarks measure it).
-PROMPTLY = 2.0
 
 
 @pytest.fixture(
@@ -50,38 +56,6 @@ def anyio_backend(server_and_backend: tuple[str, str]) -> str:
 @pytest.fixture
 def server(server_and_backend: tuple[str, str]) -> str:
     return server_and_backend[0]
-
-
-class Probe:
-    """What a handler's blocking worker did, seen from the test."""
-
-    def __init__(self) -> None:
-        self.started = anyio.Event()  # the worker is blocked on its token
-        self.done = anyio.Event()  # the handler has left run_sync (either way)
-        self.fired: bool | None = None  # whether the worker's token fired
-        self.fired_at = math.inf
-        self.reason: str | None = None
-        self.cancelled = False  # whether the handler saw a cancellation
-
-    def block(self, seconds: float = FOREVER) -> bool:
-        """Runs in the worker: wait on the job's token for up to `seconds`."""
-        token = bridgecancel.current_token()
-        anyio.from_thread.run_sync(self.started.set)
-        self.fired = token.wait(seconds)
-        self.fired_at = time.monotonic()
-        self.reason = token.reason
-        token.check()  # a worker that saw its token fire stops with Cancelled
-        return self.fired
-
-    async def run_blocking(self, seconds: float = FOREVER) -> None:
-        """Runs in the handler: the blocking work, through bridgecancel.run_sync."""
-        try:
-            await bridgecancel.run_sync(self.block, seconds)
-        except anyio.get_cancelled_exc_class():
-            self.cancelled = True
-            raise
-        finally:
-            self.done.set()
 
 
 async def respond(send: Any, body: bytes = b"ok", status: int = 200) -> None:
@@ -135,14 +109,7 @@ async def test_client_leaving_mid_request_stops_the_worker(server: str) -> None:
         await respond(send)
 
     async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
-        client = await connect(port)
-        await client.send(http_request(path="/work"))
-        with anyio.fail_after(10):
-            await probe.started.wait()
-        left_at = time.monotonic()
-        await client.aclose()
-        with anyio.fail_after(10):
-            await probe.done.wait()
+        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
         assert probe.fired is True
         assert probe.fired_at - left_at < PROMPTLY
         assert probe.reason is not None
@@ -265,23 +232,10 @@ async def test_a_streaming_response_stops_when_the_client_leaves(server: str) ->
 async def test_posted_body_is_replayed_after_the_middleware_read_it(server: str) -> None:
     """The app reads the body only after the middleware has read all of it from the server."""
     body = bytes(range(256)) * 800  # 200 KiB: several messages on both servers
-    read_by_middleware = anyio.Event()
-
-    def record_reads(app: App) -> App:
-        # Outside the middleware: sees what it reads from the server.
-        async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
-            async def recording_receive() -> Any:
-                message = await receive()
-                if message["type"] == "http.request" and not message.get("more_body"):
-                    read_by_middleware.set()
-                return message
-
-            await app(scope, recording_receive, send)
-
-        return wrapped
+    read_by_middleware: list[anyio.Event] = []
 
     async def echo(scope: Scope, receive: Any, send: Any) -> None:
-        await read_by_middleware.wait()
+        await read_by_middleware[0].wait()
         chunks = []
         while True:
             message = await receive()
@@ -291,7 +245,8 @@ async def test_posted_body_is_replayed_after_the_middleware_read_it(server: str)
                 break
         await respond(send, hashlib.sha256(b"".join(chunks)).hexdigest().encode())
 
-    app = record_reads(CancelOnDisconnectMiddleware(with_ping(echo)))
+    app, event = watch_body_reads(CancelOnDisconnectMiddleware(with_ping(echo)))
+    read_by_middleware.append(event)
     async with serve(server, app) as port:
         with anyio.fail_after(10):
             status, digest = await fetch(port, http_request("POST", "/echo", body))
@@ -444,3 +399,39 @@ async def test_response_is_parsed_whole(server: str) -> None:
         async with client:
             await client.send(http_request(path="/"))
             assert parse(await read_all(client)) == (200, b"abcdef")
+
+
+async def test_open_token_in_a_handler_fires_when_the_client_leaves(server: str) -> None:
+    """Work started some other way (a thread of the app's own) gets the request's token."""
+    fired = threading.Event()
+    started = anyio.Event()
+    left = anyio.Event()
+    threads: list[threading.Thread] = []
+
+    def own_thread(token: bridgecancel.CancelToken) -> None:
+        if token.wait(FOREVER):
+            fired.set()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            async with bridgecancel.open_token() as token:
+                thread = threading.Thread(target=own_thread, args=(token,))
+                thread.start()
+                threads.append(thread)
+                started.set()
+                await anyio.sleep_forever()
+        finally:
+            left.set()
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/work"))
+        with anyio.fail_after(10):
+            await started.wait()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await left.wait()
+        await anyio.to_thread.run_sync(threads[0].join, PROMPTLY)
+        assert fired.is_set()
+        assert not threads[0].is_alive()
+        await still_serving(port)

@@ -1,0 +1,299 @@
+"""Web frameworks under real servers: Starlette and FastAPI with the middleware, Django without.
+
+Starlette and FastAPI run under uvicorn (asyncio) and hypercorn (asyncio and trio); Django's
+async views run under uvicorn, with no bridgecancel middleware: Django cancels an async
+view itself when its client disconnects, and `run_sync` inside the view passes that on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from typing import Annotated, Any
+
+import anyio
+import anyio.from_thread
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import bridgecancel
+from _servers import (
+    PROMPTLY,
+    Probe,
+    connect,
+    fetch,
+    http_request,
+    leave_while_blocked,
+    read_all,
+    serve,
+    watch_body_reads,
+)
+from bridgecancel.asgi import CancelOnDisconnectMiddleware, threaded
+
+pytestmark = pytest.mark.anyio
+
+BODY = bytes(range(256)) * 800  # 200 KiB: several messages on every server
+DIGEST = hashlib.sha256(BODY).hexdigest().encode()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
+        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
+        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
+    ]
+)
+def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(server_and_backend: tuple[str, str]) -> str:
+    return server_and_backend[1]
+
+
+@pytest.fixture
+def server(server_and_backend: tuple[str, str]) -> str:
+    return server_and_backend[0]
+
+
+# ---------------------------------------------------------------------------- Starlette
+
+
+def starlette_app(probe: Probe, body_read: list[anyio.Event]) -> Starlette:
+    async def work(request: Request) -> Response:
+        await probe.run_blocking()
+        return PlainTextResponse("finished")
+
+    async def body(request: Request) -> Response:
+        await body_read[0].wait()  # the middleware has read the whole body already
+        data = await request.body()
+        disconnected = await request.is_disconnected()
+        return PlainTextResponse(f"{hashlib.sha256(data).hexdigest()} {disconnected}")
+
+    async def stream(request: Request) -> Response:
+        await body_read[0].wait()
+        digest = hashlib.sha256()
+        async for chunk in request.stream():
+            digest.update(chunk)
+        return PlainTextResponse(digest.hexdigest())
+
+    async def streaming(request: Request) -> Response:
+        async def chunks() -> Any:
+            yield b"first chunk\n"
+            await probe.run_blocking()  # the client leaves while this runs
+            yield b"never sent\n"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    async def ping(request: Request) -> Response:
+        return PlainTextResponse("pong")
+
+    return Starlette(
+        routes=[
+            Route("/work", work),
+            Route("/body", body, methods=["POST"]),
+            Route("/stream", stream, methods=["POST"]),
+            Route("/streaming", streaming),
+            Route("/ping", ping),
+        ],
+        middleware=[Middleware(CancelOnDisconnectMiddleware)],
+    )
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+def starlette(probe: Probe) -> Any:
+    body_read: list[anyio.Event] = []
+    app, event = watch_body_reads(starlette_app(probe, body_read))
+    body_read.append(event)
+    return app
+
+
+async def test_starlette_endpoint_stops_its_worker_when_the_client_leaves(
+    server: str, starlette: Any, probe: Probe
+) -> None:
+    async with serve(server, starlette) as port:
+        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
+        assert probe.fired is True
+        assert probe.fired_at - left_at < PROMPTLY
+        assert probe.cancelled
+        assert bridgecancel.statistics().threads.running == 0
+        assert await fetch(port, http_request(path="/ping")) == (200, b"pong")
+
+
+async def test_starlette_request_body_after_the_middleware_read_it(
+    server: str, starlette: Any
+) -> None:
+    async with serve(server, starlette) as port:
+        with anyio.fail_after(10):
+            status, text = await fetch(port, http_request("POST", "/body", BODY))
+    assert status == 200
+    assert text == DIGEST + b" False"  # whole body; the waiting client is not disconnected
+
+
+async def test_starlette_request_stream_after_the_middleware_read_it(
+    server: str, starlette: Any
+) -> None:
+    async with serve(server, starlette) as port:
+        with anyio.fail_after(10):
+            assert await fetch(port, http_request("POST", "/stream", BODY)) == (200, DIGEST)
+
+
+async def test_starlette_streaming_response_stops_when_the_client_leaves(
+    server: str, starlette: Any, probe: Probe
+) -> None:
+    async with serve(server, starlette) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/streaming"))
+        with anyio.fail_after(10):
+            await probe.started.wait()  # the first chunk has been sent
+        await client.aclose()
+        with anyio.fail_after(10):
+            await probe.done.wait()
+        assert probe.fired is True
+        assert bridgecancel.statistics().threads.running == 0
+        assert await fetch(port, http_request(path="/ping")) == (200, b"pong")
+
+
+async def test_starlette_client_that_waits_gets_its_response(server: str, probe: Probe) -> None:
+    async def quick(request: Request) -> Response:
+        await probe.run_blocking(0.05)
+        return PlainTextResponse("finished")
+
+    app = Starlette(
+        routes=[Route("/quick", quick)], middleware=[Middleware(CancelOnDisconnectMiddleware)]
+    )
+    async with serve(server, app) as port:
+        assert await fetch(port, http_request(path="/quick")) == (200, b"finished")
+    assert probe.fired is False
+
+
+# ---------------------------------------------------------------------------- FastAPI
+
+
+@threaded
+def scale(factor: int = 1) -> int:
+    """A sync dependency, made cancellable (module level: annotations name it)."""
+    return factor * 10
+
+
+def fastapi_app(probe: Probe) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(CancelOnDisconnectMiddleware, timeout=5)
+
+    @app.get("/items/{item_id}")
+    @threaded
+    def read_item(
+        item_id: int, scaled: Annotated[int, Depends(scale)], q: str = "none"
+    ) -> dict[str, object]:
+        return {"item_id": item_id, "q": q, "scaled": scaled}
+
+    @app.get("/work")
+    @threaded
+    def work() -> str:  # the common FastAPI style: a plain def endpoint
+        try:
+            return str(probe.block())
+        finally:
+            anyio.from_thread.run_sync(probe.done.set)
+
+    @app.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    return app
+
+
+async def test_fastapi_threaded_endpoint_gets_its_parameters(server: str, probe: Probe) -> None:
+    async with serve(server, fastapi_app(probe)) as port:
+        status, body = await fetch(port, http_request(path="/items/7?q=hello&factor=4"))
+        assert status == 200
+        assert body == b'{"item_id":7,"q":"hello","scaled":40}'
+        status, body = await fetch(port, http_request(path="/items/oops"))
+        assert status == 422  # FastAPI still validates the path parameter
+
+
+async def test_fastapi_threaded_endpoint_stops_when_the_client_leaves(
+    server: str, probe: Probe
+) -> None:
+    async with serve(server, fastapi_app(probe)) as port:
+        # FastAPI's own handler awaits the threaded endpoint, whose worker sets probe.done
+        # as it leaves.
+        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
+        assert probe.fired is True
+        assert probe.fired_at - left_at < PROMPTLY
+        assert await fetch(port, http_request(path="/ping")) == (200, b'"pong"')
+
+
+# ---------------------------------------------------------------------------- Django
+
+
+_django_views: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def django_asgi() -> Any:
+    """Django configured once for this process: two async views, no middleware."""
+    import django
+    from django.conf import settings
+    from django.http import HttpResponse
+    from django.urls import path
+
+    async def work(request: Any) -> Any:
+        await _django_views["probe"].run_blocking()
+        return HttpResponse(b"finished")
+
+    async def ping(request: Any) -> Any:
+        return HttpResponse(b"pong")
+
+    urlconf = types.ModuleType("bridgecancel_test_urls")
+    urlconf.urlpatterns = [path("work", work), path("ping", ping)]  # type: ignore[attr-defined]
+    if not settings.configured:
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="only for the tests",
+            ALLOWED_HOSTS=["127.0.0.1"],
+            ROOT_URLCONF=urlconf,
+            MIDDLEWARE=[],
+            INSTALLED_APPS=[],
+            DATABASES={},
+            USE_TZ=True,
+        )
+    django.setup(set_prefix=False)
+    from django.core.handlers.asgi import ASGIHandler
+
+    return ASGIHandler()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Django's ASGI handler is asyncio-only
+async def test_django_async_view_stops_its_worker_when_the_client_leaves(
+    django_asgi: Any, probe: Probe
+) -> None:
+    _django_views["probe"] = probe
+    async with serve("uvicorn", django_asgi) as port:
+        assert await fetch(port, http_request(path="/ping")) == (200, b"pong")
+        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
+        assert probe.fired is True
+        assert probe.fired_at - left_at < PROMPTLY
+        assert probe.cancelled
+        assert bridgecancel.statistics().threads.running == 0
+        assert await fetch(port, http_request(path="/ping")) == (200, b"pong")
+
+
+async def test_raw_response_reader_sees_a_complete_response(server: str) -> None:
+    """The helper: a keep-alive connection's response is read whole by read_all."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("x"))])
+    async with serve(server, app) as port:
+        stream = await connect(port)
+        async with stream:
+            await stream.send(http_request(path="/"))
+            assert (await read_all(stream)).endswith(b"\r\n\r\nx")
