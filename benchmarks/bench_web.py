@@ -301,9 +301,9 @@ def bench_latency(samples: int, anchor_samples: int, rounds: int, job_seconds: f
 WRK_MISSING = "wrk not found: install it (Debian: apt-get install wrk) to measure requests/s"
 
 
-def _wrk(port: int, path: str, seconds: float, connections: int) -> float:
+def _wrk(port: int, path: str, seconds: int, connections: int) -> float:
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"http://127.0.0.1:{port}{path}"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=seconds + 60, check=True,
     )
     match = re.search(r"Requests/sec:\s*([\d.]+)", result.stdout)
@@ -312,7 +312,7 @@ def _wrk(port: int, path: str, seconds: float, connections: int) -> float:
     return float(match.group(1))
 
 
-def bench_rps(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
+def bench_rps(rounds: int, seconds: int, connections: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for server in SERVERS:
         with serving(server) as port:
@@ -417,11 +417,11 @@ def run(quick: bool) -> dict[str, Any]:
     if quick:
         latency = bench_latency(samples=40, anchor_samples=2, rounds=2, job_seconds=0.2)
         per_call = bench_per_call(rounds=4, calls=2_000)
-        rps_args = {"rounds": 4, "seconds": 1.5, "connections": 16}
+        rps_args = {"rounds": 3, "seconds": 2, "connections": 16}
     else:
         latency = bench_latency(samples=300, anchor_samples=6, rounds=6, job_seconds=0.5)
         per_call = bench_per_call(rounds=8, calls=10_000)
-        rps_args = {"rounds": 6, "seconds": 3.0, "connections": 16}
+        rps_args = {"rounds": 6, "seconds": 3, "connections": 16}
     rps = bench_rps(**rps_args) if shutil.which("wrk") else None
     if rps is None:
         print(WRK_MISSING)
