@@ -169,8 +169,10 @@ def serving(server: str) -> Iterator[int]:
             task = asyncio.ensure_future(instance.serve())
             while not instance.started and not task.done():
                 await asyncio.sleep(0.01)
-            if instance.started:
-                port = instance.servers[0].sockets[0].getsockname()[1]
+            if not instance.started:
+                await task  # raises what stopped it, if anything did
+                raise RuntimeError("uvicorn exited before it started serving")
+            port = instance.servers[0].sockets[0].getsockname()[1]
             stop.append(lambda: setattr(instance, "should_exit", True))
             started.set()
             await task
