@@ -55,7 +55,12 @@ async def _uvicorn(app: Any) -> AsyncIterator[int]:
     sock = listening_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=5
+        app,
+        lifespan="auto",  # apps without lifespan support are served all the same
+        ws="wsproto",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     try:

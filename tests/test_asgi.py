@@ -260,6 +260,9 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
     body = b"0123456789abcdef" * 65536  # 1 MiB against a 64 KiB bound
     held_at_start: list[int] = []
 
+    limit = 64 * 1024
+    reached_bound = anyio.Event()
+
     def count_reads(app: App) -> App:
         async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
             read = [0]
@@ -267,6 +270,8 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
             async def counting_receive() -> Any:
                 message = await receive()
                 read[0] += len(message.get("body", b""))
+                if read[0] >= limit:
+                    reached_bound.set()
                 return message
 
             scope["test.bytes_read"] = read
@@ -275,8 +280,10 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
         return wrapped
 
     async def slow_reader(scope: Scope, receive: Any, send: Any) -> None:
-        # Let the middleware read ahead as far as it will before the app reads.
-        await anyio.wait_all_tasks_blocked()
+        await reached_bound.wait()
+        # Time for a middleware that ignored its bound to read on (the server has the
+        # whole body by now); this one stops.
+        await anyio.sleep(0.2)
         held_at_start.append(scope["test.bytes_read"][0])
         size = 0
         while True:
@@ -286,7 +293,6 @@ async def test_upload_past_the_bound_is_read_as_the_app_reads(server: str) -> No
                 break
         await respond(send, str(size).encode())
 
-    limit = 64 * 1024
     app = count_reads(CancelOnDisconnectMiddleware(with_ping(slow_reader), max_buffered=limit))
     async with serve(server, app) as port:
         with anyio.fail_after(10):
@@ -435,3 +441,42 @@ async def test_open_token_in_a_handler_fires_when_the_client_leaves(server: str)
         assert fired.is_set()
         assert not threads[0].is_alive()
         await still_serving(port)
+
+
+async def test_lifespan_and_websocket_pass_through_under_the_server(server: str) -> None:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+    lifespan_events: list[str] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                lifespan_events.append(message["type"])
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        assert scope["type"] == "websocket"
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        await send({"type": "websocket.send", "text": message["text"].upper()})
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with serve(server, CancelOnDisconnectMiddleware(app, timeout=5)) as port:
+        ws = WSConnection(ConnectionType.CLIENT)
+        events: list[object] = []
+        async with await connect(port) as stream:
+            await stream.send(ws.send(Request(host="127.0.0.1", target="/ws")))
+            with anyio.fail_after(10):
+                while not any(isinstance(e, CloseConnection) for e in events):
+                    ws.receive_data(await stream.receive())
+                    for event in ws.events():
+                        events.append(event)
+                        if isinstance(event, AcceptConnection):
+                            await stream.send(ws.send(TextMessage(data="hello")))
+        texts = [e.data for e in events if isinstance(e, TextMessage)]
+        assert texts == ["HELLO"]
+        assert lifespan_events == ["lifespan.startup"]
+    assert lifespan_events == ["lifespan.startup", "lifespan.shutdown"]

@@ -253,6 +253,22 @@ async def test_deadline_before_the_response_sends_503() -> None:
     assert not server.sent[1].get("more_body")
 
 
+async def test_deadline_answers_503_even_if_the_app_swallowed_the_cancellation() -> None:
+    server = ScriptedServer(body(b"", False))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            return  # a misbehaving app: returns without a response
+
+    with anyio.fail_after(5):
+        await CancelOnDisconnectMiddleware(app, timeout=0.05)(
+            HTTP_SCOPE, server.receive, server.send
+        )
+    assert server.sent[0]["status"] == 503
+
+
 async def test_deadline_after_the_response_started_leaves_it_unfinished() -> None:
     server = ScriptedServer(body(b"", False))
 

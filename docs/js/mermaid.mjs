@@ -1,4 +1,5 @@
-// Render ```mermaid fences (emitted as <div class="mermaid">) in the browser.
-import mermaid from "https://cdn.jsdelivr.net/npm/mermaid@11/dist/mermaid.esm.min.mjs";
+// Render ```mermaid fences (emitted as <div class="mermaid">) in the browser, from a copy
+// served with the site: no network needed. See js/mermaid/VENDORED.txt for what it holds.
+import mermaid from "./mermaid/mermaid.esm.min.mjs";
 
 mermaid.initialize({ startOnLoad: true });

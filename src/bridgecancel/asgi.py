@@ -38,8 +38,8 @@ _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
-P = ParamSpec("P")
-T = TypeVar("T")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 _DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
 
@@ -144,8 +144,9 @@ class _Exchange:
         self._held: deque[_Message] = deque()
         self._held_bytes = 0
         self._disconnect: _Message | None = None
-        self._arrived = anyio.Event()  # replaced each time it is set
-        self._taken = anyio.Event()  # likewise
+        # Made only when someone waits, and dropped once set: most requests never wait.
+        self._app_waiting: anyio.Event | None = None  # for a message to arrive
+        self._watcher_waiting: anyio.Event | None = None  # for the app to take one
         self._trailers = False
         self.app_scope = anyio.CancelScope()
         self.response_started = False
@@ -155,17 +156,19 @@ class _Exchange:
         """Read the server's messages ahead of the app until the client disconnects."""
         while True:
             while self._held and self._held_bytes >= self._max_buffered:
-                await self._taken.wait()  # bounded: wait until the app reads
+                # Bounded: wait until the app reads.
+                self._watcher_waiting = self._watcher_waiting or anyio.Event()
+                await self._watcher_waiting.wait()
             message = await self._server_receive()
             if message["type"] == "http.disconnect":
                 self._disconnect = message
                 if not self.response_complete:
                     self.app_scope.cancel()
-                self._wake(arrived=True)
+                self._wake_app()
                 return  # uvicorn would repeat the disconnect forever
             self._held.append(message)
             self._held_bytes += _body_size(message)
-            self._wake(arrived=True)
+            self._wake_app()
 
     async def receive(self) -> _Message:
         """The app's receive: hands back a held message at once, without yielding.
@@ -177,11 +180,14 @@ class _Exchange:
             if self._held:
                 message = self._held.popleft()
                 self._held_bytes -= _body_size(message)
-                self._wake(arrived=False)
+                if self._watcher_waiting is not None:
+                    self._watcher_waiting.set()
+                    self._watcher_waiting = None
                 return message
             if self._disconnect is not None:
                 return self._disconnect
-            await self._arrived.wait()
+            self._app_waiting = self._app_waiting or anyio.Event()
+            await self._app_waiting.wait()
 
     async def send(self, message: _Message) -> None:
         """The app's send: marks the response complete before its last message goes out.
@@ -206,10 +212,10 @@ class _Exchange:
 
     def timed_out(self) -> bool:
         """True if the deadline stopped the app before its response was complete."""
+        # cancel_called rather than cancelled_caught: an app that swallowed the
+        # cancellation and returned without a response still gets its 503.
         return (
-            self.app_scope.cancelled_caught
-            and self._disconnect is None
-            and not self.response_complete
+            self.app_scope.cancel_called and self._disconnect is None and not self.response_complete
         )
 
     async def answer_timeout(self) -> None:
@@ -223,19 +229,15 @@ class _Exchange:
                 "headers": [
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(_TIMEOUT_BODY)).encode()),
-                    (b"connection", b"close"),
                 ],
             }
         )
         await self._server_send({"type": "http.response.body", "body": _TIMEOUT_BODY})
 
-    def _wake(self, *, arrived: bool) -> None:
-        if arrived:
-            self._arrived.set()
-            self._arrived = anyio.Event()
-        else:
-            self._taken.set()
-            self._taken = anyio.Event()
+    def _wake_app(self) -> None:
+        if self._app_waiting is not None:
+            self._app_waiting.set()
+            self._app_waiting = None
 
 
 def _body_size(message: _Message) -> int:
@@ -244,7 +246,7 @@ def _body_size(message: _Message) -> int:
 
 
 @overload
-def threaded(func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+def threaded(func: Callable[_P, _T], /) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
 
 
 @overload
@@ -252,18 +254,18 @@ def threaded(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]: ...
+) -> Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]: ...
 
 
 def threaded(
-    func: Callable[P, T] | None = None,
+    func: Callable[_P, _T] | None = None,
     /,
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
 ) -> (
-    Callable[P, Coroutine[Any, Any, T]]
-    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]
+    Callable[_P, Coroutine[Any, Any, _T]]
+    | Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]
 ):
     """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
 
@@ -283,19 +285,31 @@ def threaded(
         interrupt_after: passed to `run_sync`.
 
     Raises:
-        TypeError: if `func` is an async function, a generator function or not callable.
+        TypeError: if `func` is an async function, a generator function or not callable,
+            or `interrupt_after` is not a number.
+        ValueError: if `interrupt_after` is negative or NaN.
     """
+    if interrupt_after is not None:  # checked here, not at the first request
+        if isinstance(interrupt_after, bool) or not isinstance(interrupt_after, (int, float)):
+            raise TypeError(
+                f"interrupt_after must be a number of seconds or None, got {interrupt_after!r}"
+            )
+        if math.isnan(interrupt_after) or interrupt_after < 0:
+            raise ValueError(
+                f"interrupt_after must be 0 or more seconds, got {interrupt_after}; "
+                "pass None to never interrupt"
+            )
     if func is None:
         return functools.partial(_threaded, limiter=limiter, interrupt_after=interrupt_after)
     return _threaded(func, limiter=limiter, interrupt_after=interrupt_after)
 
 
 def _threaded(
-    func: Callable[P, T],
+    func: Callable[_P, _T],
     *,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[P, Coroutine[Any, Any, T]]:
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
     if not callable(func):
         raise TypeError(f"@threaded decorates a function, got {func!r}")
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
@@ -307,11 +321,11 @@ def _threaded(
         )
 
     @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        call = functools.partial(func, *args, **kwargs) if kwargs else func
-        return await run_sync(
-            call, *(() if kwargs else args), limiter=limiter, interrupt_after=interrupt_after
-        )
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if kwargs:  # frameworks pass parameters by name
+            call = functools.partial(func, *args, **kwargs)
+            return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
+        return await run_sync(func, *args, limiter=limiter, interrupt_after=interrupt_after)
 
     wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
     return wrapper
