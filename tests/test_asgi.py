@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
 
+import _proc_helpers
 import bridgecancel
 from _servers import (
     FOREVER,
@@ -101,15 +103,17 @@ def assert_no_worker_running() -> None:
     assert bridgecancel.statistics().threads.running == 0
 
 
-async def test_client_leaving_mid_request_stops_the_worker(server: str) -> None:
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["close", "keep-alive"])
+async def test_client_leaving_mid_request_stops_the_worker(server: str, keep_alive: bool) -> None:
     probe = Probe()
 
     async def handler(scope: Scope, receive: Any, send: Any) -> None:
         await probe.run_blocking()
         await respond(send)
 
+    request = http_request(path="/work", close=not keep_alive)
     async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
-        left_at = await leave_while_blocked(port, probe, http_request(path="/work"))
+        left_at = await leave_while_blocked(port, probe, request)
         assert probe.fired is True
         assert probe.fired_at - left_at < PROMPTLY
         assert probe.reason is not None
@@ -332,7 +336,8 @@ async def test_deadline_after_the_response_started_closes_the_connection(server:
         await probe.run_blocking()
         await send({"type": "http.response.body", "body": b"rest"})
 
-    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.3)
+    # Long enough for the first part to go out even on a loaded machine.
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.5)
     async with serve(server, app) as port:
         async with await connect(port) as client:
             await client.send(http_request(path="/work"))
@@ -352,9 +357,9 @@ async def test_deadline_does_not_cut_a_response_that_completed(server: str) -> N
 
     async def handler(scope: Scope, receive: Any, send: Any) -> None:
         await respond(send, b"done")
-        await probe.run_blocking(0.4)  # runs past the deadline, after the response
+        await probe.run_blocking(0.7)  # runs past the deadline, after the response
 
-    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.2)
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.5)
     async with serve(server, app) as port:
         assert await fetch(port, http_request(path="/work")) == (200, b"done")
         with anyio.fail_after(10):
@@ -480,3 +485,66 @@ async def test_lifespan_and_websocket_pass_through_under_the_server(server: str)
         assert texts == ["HELLO"]
         assert lifespan_events == ["lifespan.startup"]
     assert lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_client_leaving_stops_a_run_process_job(server: str, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    outcome: list[str] = []
+    left = anyio.Event()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            await bridgecancel.run_process(_proc_helpers.wait_for_cancel, str(marker))
+            outcome.append("returned")
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        finally:
+            left.set()
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        client = await connect(port)
+        await client.send(http_request(path="/work"))
+        with anyio.fail_after(30):  # a worker process may have to start first
+            while not marker.exists():
+                await anyio.sleep(0.01)
+        await client.aclose()
+        with anyio.fail_after(10):
+            await left.wait()
+        assert outcome == ["cancelled"]
+        assert bridgecancel.statistics().processes.running == 0
+        await still_serving(port)
+
+
+async def test_client_leaving_mid_upload_cancels_the_reader(server: str) -> None:
+    outcome: list[str] = []
+    reading = anyio.Event()
+    left = anyio.Event()
+
+    async def reader(scope: Scope, receive: Any, send: Any) -> None:
+        try:
+            while True:
+                message = await receive()
+                reading.set()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    outcome.append(message["type"])
+                    break
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        finally:
+            left.set()
+        await respond(send)
+
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(reader))) as port:
+        client = await connect(port)
+        head = http_request("POST", "/upload", b"")
+        head = head.replace(b"Content-Length: 0", b"Content-Length: 1000000")
+        await client.send(head + b"x" * 1000)  # a thousandth of what it announced
+        with anyio.fail_after(10):
+            await reading.wait()
+        await client.aclose()
+        with anyio.fail_after(10):
+            await left.wait()
+        assert outcome == ["cancelled"]
+        await still_serving(port)

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+import bridgecancel
 from bridgecancel.asgi import CancelOnDisconnectMiddleware
 
 pytestmark = pytest.mark.anyio
@@ -347,3 +348,38 @@ def test_bad_options_are_rejected_with_what_to_do() -> None:
         CancelOnDisconnectMiddleware(app, max_buffered=1.5)  # type: ignore[arg-type]
     middleware = CancelOnDisconnectMiddleware(app, timeout=2, max_buffered=0)
     assert (middleware.app, middleware.timeout, middleware.max_buffered) == (app, 2, 0)
+
+
+async def test_the_deadline_reaches_the_workers_token() -> None:
+    server = ScriptedServer(body(b"", False))
+    remaining: list[float] = []
+
+    def worker() -> None:
+        remaining.append(bridgecancel.current_token().remaining())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await bridgecancel.run_sync(worker)
+        await respond(send)
+
+    await CancelOnDisconnectMiddleware(app, timeout=30)(HTTP_SCOPE, server.receive, server.send)
+    assert 0 < remaining[0] <= 30
+
+
+async def test_an_error_from_the_servers_receive_reaches_the_apps_receive() -> None:
+    first = body(b"a", True)
+    server = ScriptedServer(first)
+    calls = [0]
+    scripted_receive = server.receive
+
+    async def failing_receive() -> Message:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("the server's receive failed")
+        return await scripted_receive()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert await receive() is first
+        await receive()
+
+    with pytest.raises(OSError, match="receive failed"):
+        await CancelOnDisconnectMiddleware(app)(HTTP_SCOPE, failing_receive, server.send)

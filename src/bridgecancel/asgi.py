@@ -144,6 +144,7 @@ class _Exchange:
         self._held: deque[_Message] = deque()
         self._held_bytes = 0
         self._disconnect: _Message | None = None
+        self._receive_error: Exception | None = None  # what the server's receive raised
         # Made only when someone waits, and dropped once set: most requests never wait.
         self._app_waiting: anyio.Event | None = None  # for a message to arrive
         self._watcher_waiting: anyio.Event | None = None  # for the app to take one
@@ -159,7 +160,13 @@ class _Exchange:
                 # Bounded: wait until the app reads.
                 self._watcher_waiting = self._watcher_waiting or anyio.Event()
                 await self._watcher_waiting.wait()
-            message = await self._server_receive()
+            try:
+                message = await self._server_receive()
+            except Exception as exc:
+                # The app's receive raises it in turn, as the server's would have.
+                self._receive_error = exc
+                self._wake_app()
+                return
             if message["type"] == "http.disconnect":
                 self._disconnect = message
                 if not self.response_complete:
@@ -186,6 +193,8 @@ class _Exchange:
                 return message
             if self._disconnect is not None:
                 return self._disconnect
+            if self._receive_error is not None:
+                raise self._receive_error
             self._app_waiting = self._app_waiting or anyio.Event()
             await self._app_waiting.wait()
 
