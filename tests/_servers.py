@@ -19,7 +19,7 @@ import anyio.abc
 import anyio.from_thread
 
 import bridgecancel
-from bridgecancel._bridge import on_trio
+from bridgecancel.asgi import _on_trio
 
 # How long a worker would block if nobody cancelled it; a test that waits this long failed.
 FOREVER = 30.0
@@ -86,7 +86,7 @@ async def _hypercorn(app: Any) -> AsyncIterator[int]:
     config.errorlog = None
     config.graceful_timeout = 5
     stop = anyio.Event()
-    if on_trio():
+    if _on_trio():
         from hypercorn.trio import serve as serve_hypercorn
     else:
         from hypercorn.asyncio import serve as serve_hypercorn

@@ -19,9 +19,11 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import math
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Final, ParamSpec, TypeVar, overload
@@ -113,25 +115,66 @@ class CancelOnDisconnectMiddleware:
         exchange = _Exchange(receive, send, self.max_buffered)
         if self.timeout is not None:
             exchange.app_scope.deadline = anyio.current_time() + self.timeout
-        # The app's exception is held until the watcher's task group has exited, so the
-        # server sees it as itself rather than wrapped in an exception group.
+        # The watcher task is started with the backend's own primitives: an anyio task
+        # group would cost more than the rest of the middleware together (a tenth of a
+        # millisecond per request on asyncio).
+        if _on_trio():
+            await self._call_on_trio(exchange, scope)
+        else:
+            await self._call_on_asyncio(exchange, scope)
+        if exchange.timed_out():
+            await exchange.answer_timeout()
+
+    async def _call_on_asyncio(self, exchange: _Exchange, scope: _Scope) -> None:
+        loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
+
+        def start_watching() -> None:
+            nonlocal watcher
+            watcher = loop.create_task(exchange.watch())
+
+        # The watcher starts at the loop's next turn: until the app first waits, no
+        # disconnect could be seen anyway, and an app that answers without ever waiting
+        # (uvicorn's send does not wait while the client keeps up) costs no task.
+        starting = loop.call_soon(start_watching)
+        try:
+            with exchange.app_scope:
+                await self.app(scope, exchange.receive, exchange.send)
+        finally:
+            starting.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                # Reaped before returning, so no part of the request outlives it;
+                # asyncio.wait never raises the watcher's cancellation in this task.
+                await asyncio.wait((watcher,))
+        if watcher is not None and not watcher.cancelled() and watcher.exception():
+            raise watcher.exception()  # type: ignore[misc]  # a bug in watch(), surfaced
+
+    async def _call_on_trio(self, exchange: _Exchange, scope: _Scope) -> None:
+        trio = sys.modules["trio"]
+        # The app's exception is held until the nursery has exited, so the server sees
+        # it as itself rather than wrapped in an exception group.
         failure: BaseException | None = None
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(exchange.watch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exchange.watch)
                 try:
                     with exchange.app_scope:
                         await self.app(scope, exchange.receive, exchange.send)
                 except BaseException as exc:
                     failure = exc
                 finally:
-                    group.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
             if failure is not None:
                 raise failure
         finally:
             del failure
-        if exchange.timed_out():
-            await exchange.answer_timeout()
+
+
+def _on_trio() -> bool:
+    """True in a trio task (without importing trio to find out)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_task())
 
 
 class _Exchange:
@@ -341,8 +384,8 @@ def _threaded(
 
 
 def _signature(func: Callable[..., object]) -> inspect.Signature:
-    # Evaluated annotations: FastAPI resolves string annotations in the wrapper's
-    # module, which is this one, not the user's.
+    # Evaluated annotations: a framework that resolves string annotations in the
+    # wrapper's globals (older FastAPI releases do) would look in this module.
     try:
         return inspect.signature(func, eval_str=True)
     except Exception:  # a name only imported under TYPE_CHECKING, say
