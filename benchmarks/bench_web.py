@@ -553,7 +553,7 @@ def plot(results: dict[str, Any], out_dir: Path = IMG_DIR) -> list[Path]:
     if rps:
         # The label is the median of per-round ratios (the bars are medians of rounds).
         groups = [(k.replace(", ", "\n"), 1e6 / r["rps_plain"], 1e6 / r["rps_mw"],
-                   f"-{(1 - r['ratio']) * 100:.0f}% req/s") for k, r in rps.items()]
+                   f"{(r['ratio'] - 1) * 100:+.0f}% req/s") for k, r in rps.items()]
         _bars(axes[0][1], groups, "microseconds per request (1 / requests/s)",
               "Under load (wrk)")
     fig.suptitle(f"What the middleware costs a trivial endpoint\n{where}", fontsize=9)
