@@ -55,7 +55,9 @@ class CancelOnDisconnectMiddleware:
     client disconnects before the response is complete, so a handler waiting in
     `bridgecancel.run_sync` or `bridgecancel.run_process` sees its worker's token fire
     and the worker stop. A disconnect after the response is complete cancels nothing
-    (work the app does after its response, such as background tasks, runs on).
+    (work the app does after its response, such as background tasks, runs on). The
+    handler sees an ordinary cancellation: ``finally`` blocks run, and `open_token()`
+    inside it yields a token that fires with the request.
 
     To see the disconnect, the middleware is the only reader of the server's
     ``receive``: it reads ahead while the app runs and hands every message to the app,
