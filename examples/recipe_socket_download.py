@@ -9,6 +9,9 @@ down: the blocked ``recv`` returns at once, the code sees the connection end, an
 the reader: on Linux, ``close()`` from another thread does not interrupt a ``recv``
 already waiting. The socket is closed afterwards, in the worker, as usual.
 
+``http_get`` does the same for an HTTP download with ``http.client``: it shuts down the
+connection's socket.
+
 Code you write yourself can use ``bridgecancel.blocking.recv(sock, n)`` instead, which
 wakes on the token without touching the socket.
 
@@ -18,6 +21,7 @@ ever.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 
@@ -54,6 +58,35 @@ def download(host: str, port: int, received: list[int]) -> bytes:
                 return bytes(data)  # the server closed the connection: done
             data += chunk
             received.append(len(data))
+
+
+def http_get(host: str, port: int, path: str, received: list[int]) -> bytes:
+    """GET ``http://host:port/path`` with ``http.client``; on cancel, shut its socket down.
+
+    The same idea for an HTTP client: register the shutdown once the connection exists,
+    before the request goes out. Reading the body then ends at once, with an error or a
+    short read, and ``token.check()`` says whether our cancel caused it.
+    """
+    token = current_token()
+    conn = http.client.HTTPConnection(host, port)
+    try:
+        conn.connect()
+        with token.on_cancel(_shut_down, conn.sock):
+            token.check()
+            data = bytearray()
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                while chunk := response.read1(65536):
+                    data += chunk
+                    received.append(len(data))
+            except (OSError, http.client.HTTPException):
+                token.check()  # the socket was shut down by our cancel: raise Cancelled
+                raise
+            token.check()  # a short body because of our cancel is not a download
+            return bytes(data)
+    finally:
+        conn.close()
 
 
 async def _serve_forever(stream: SocketStream) -> None:
