@@ -123,7 +123,7 @@ def test_a_wait_interrupted_by_a_signal_holds_up_no_other_waiter() -> None:
     other = threading.Thread(target=lambda: token.wait(30) and woke.set(), daemon=True)
     other.start()
     end = time.monotonic() + 5
-    while not token._waiters and time.monotonic() < end:  # until the other thread waits
+    while not token._wait_locks and time.monotonic() < end:  # until the other thread waits
         time.sleep(0.001)
     main = threading.main_thread().ident
     assert main is not None
@@ -136,8 +136,8 @@ def test_a_wait_interrupted_by_a_signal_holds_up_no_other_waiter() -> None:
         timer.join()
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert len(token._waiters) == 1  # only the other thread's wait is left
+    assert len(token._wait_locks) == 1  # only the other thread's wait is left
     source.cancel("done")
     other.join(5)
     assert woke.is_set()
-    assert len(token._waiters) == 0
+    assert len(token._wait_locks) == 0

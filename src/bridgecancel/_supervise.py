@@ -138,7 +138,7 @@ async def deliver(job: Job) -> Any:
 
 async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     """The caller was cancelled while `job` was queued or running: fire, escalate, deliver."""
-    requests = _cancel_requests(cancelled)  # before the waits below absorb any more
+    requests = cancel_requests(cancelled)  # before the waits below absorb any more
     job.fire(cancel_reason(job))
     await escalate(job)
     record(job)
@@ -206,7 +206,7 @@ async def _wait_shielded(
     raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see the loop
 
 
-def _cancel_requests(exc: BaseException) -> int:
+def cancel_requests(exc: BaseException) -> int:
     """How many cancellations of the current asyncio task are pending (3.11+; else 0)."""
     if sys.version_info >= (3, 11) and isinstance(exc, asyncio.CancelledError):
         task = asyncio.current_task()

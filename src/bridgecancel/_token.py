@@ -137,7 +137,7 @@ class _TokenFields:
         "_deadline",
         "_fds",
         "_fires_at",
-        "_waiters",
+        "_wait_locks",
         "_never",
         "_reason",
         "_timer_entry",
@@ -167,7 +167,7 @@ def _new_token(deadline: float, never: bool = False) -> CancelToken:
     fields._deadline = fields._fires_at = deadline
     fields._callbacks = {}
     fields._once = {}
-    fields._waiters = deque()
+    fields._wait_locks = deque()
     fields._fds = None
     fields._timer_entry = None
     fields._never = never
@@ -270,7 +270,7 @@ class CancelToken(_TokenFields):
         # (KeyboardInterrupt, say) can hold up no other waiter.
         waiter = _allocate_lock()
         waiter.acquire()
-        waiters = self._waiters
+        waiters = self._wait_locks
         waiters.append(waiter)
         try:
             # After publishing: the firer either releases this lock or set the flag first.
@@ -384,7 +384,7 @@ class CancelToken(_TokenFields):
         _set(self, "cancel_called", True)
         if first is not mine:
             return []
-        waiters = self._waiters
+        waiters = self._wait_locks
         while waiters:
             try:
                 waiters.popleft().release()

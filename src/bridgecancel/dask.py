@@ -46,9 +46,11 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from ._bridge import CALLER_CANCELLED, _threadsafe_caller, caller_deadline, redeliver_asyncio_cancel
+from ._bridge import caller_deadline, threadsafe_caller
+from ._checks import describe as _describe
 from ._exceptions import BrokenWorkerError, Cancelled
 from ._stats import Outcome, counters, log_cancelled
+from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
 from ._token import DEADLINE_REASON, CancelSource, _current, informative_source
 
 try:
@@ -183,6 +185,7 @@ class _Call:
         self.func = func
         self.outcome: Outcome | None = "completed"  # None: it never started
         self.reason: str | None = None
+        self.requests = 0  # asyncio cancellations pending when the caller was cancelled
 
     async def run(self) -> Any:
         # Dask's Client methods are untyped: call them through Any.
@@ -195,7 +198,7 @@ class _Call:
         try:
             await gathered.wait()
         except anyio.get_cancelled_exc_class() as exc:
-            cancelled = exc
+            cancelled, self.requests = exc, cancel_requests(exc)
         else:
             stopped, value = self._outcome(gathered)
             if stopped is not None:
@@ -224,7 +227,7 @@ class _Call:
         stopped, value = self._outcome(gathered, cancelled)
         if stopped is not None:
             raise cancelled
-        redeliver_asyncio_cancel(cancelled)
+        redeliver_asyncio_cancel(cancelled, self.requests)
         return value
 
     def _outcome(
@@ -239,7 +242,7 @@ class _Call:
             value = gathered.result()
         except BaseException as exc:
             if cancelled is not None:
-                redeliver_asyncio_cancel(cancelled)
+                redeliver_asyncio_cancel(cancelled, self.requests)
             if isinstance(exc, BrokenWorkerError):
                 self.outcome = "crashed"
             elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
@@ -284,7 +287,7 @@ class _OnClientLoop(Generic[T]):
 
     def __init__(self, client: distributed.Client, make: Callable[[], Awaitable[T]]) -> None:
         self.done = anyio.Event()
-        call_in_loop = _threadsafe_caller()
+        call_in_loop = threadsafe_caller()
 
         async def run() -> T:
             return await make()
@@ -388,14 +391,6 @@ def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) ->
 def _name(func: object) -> str:
     name = getattr(func, "__name__", None) or type(func).__name__
     return str(name).replace("<", "").replace(">", "")
-
-
-def _describe(func: object) -> str:
-    name = getattr(func, "__qualname__", None)
-    if name is None:
-        return repr(func)
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}()" if module else f"{name}()"
 
 
 # -- plugins -----------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from . import _work
+from ._common import Comparison
 from .cluster import cluster_cancel
 from .web import web_disconnect
-from ._common import Comparison
 
 __all__ = ("CASES", "ROW_KEYS", "Case", "describe")
 
