@@ -154,7 +154,7 @@ class _TokenFields:
     _fds: tuple[int, int] | None
     _fires_at: float  # when it fires by itself
     # The locks of threads blocked in wait(), each released once by the firer.
-    _waiters: deque[Any]
+    _wait_locks: deque[Any]
     _never: bool
     _reason: str | None
     _timer_entry: Entry | None
