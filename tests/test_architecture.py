@@ -13,6 +13,9 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "bridgecancel"
 # Standard library only, also through what they import: tokens, blocking waits, the
 # process side.
 STDLIB_ONLY = {
+    "_compat",
+    "_describe",
+    "_seconds",
     "_exceptions",
     "_token",
     "_stats",

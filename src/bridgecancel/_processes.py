@@ -22,16 +22,13 @@ from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 from . import _proc_wire as wire
 from . import _supervise as supervise
 from ._bridge import caller_deadline
-from ._checks import check_call, describe
+from ._checks import check_call
+from ._compat import PosArgsT, Unpack
+from ._describe import describe
 from ._exceptions import BrokenWorkerError, Cancelled, RemoteTraceback
 from ._proc_handle import WorkerProcess, main_is_loadable
 from ._proc_pool import pool
 from ._stats import Outcome, counters
-
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
 
 __all__ = (
     "DEFAULT_INTERRUPT_AFTER",
@@ -42,7 +39,6 @@ __all__ = (
 )
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
 
 DEFAULT_INTERRUPT_AFTER: Final = 1.0
 """Seconds from the cancel to raising `Cancelled` inside a worker that ignores its token."""
@@ -326,10 +322,16 @@ def _broken_worker(pid: int, returncode: int, func: Callable[..., object]) -> Br
             f"{describe(func)}; the pool has replaced it",
             signal=signum,
         )
+    if returncode == wire.FAILED_EXIT:
+        why = (
+            "bridgecancel's own code in the worker failed, not the job; the worker's "
+            "stderr (this process's stderr) says why"
+        )
+    else:
+        why = "did it call sys.exit() or os._exit()?"
     return BrokenWorkerError(
         f"the worker process (pid {pid}) exited with code {returncode} while running "
-        f"{describe(func)} (did it call sys.exit() or os._exit()?); the pool has "
-        "replaced it",
+        f"{describe(func)} ({why}); the pool has replaced it",
         exitcode=returncode,
     )
 

@@ -35,6 +35,8 @@ import anyio.to_thread
 from . import _supervise as supervise
 from ._bridge import on_trio, source_for_caller, threadsafe_caller
 from ._checks import check_call
+from ._compat import PosArgsT, Unpack
+from ._describe import describe
 from ._exceptions import Cancelled
 from ._stats import Outcome, counters
 from ._token import CancelSource, _current
@@ -42,15 +44,9 @@ from ._token import CancelSource, _current
 if TYPE_CHECKING:
     from ._interrupt import JobGuard
 
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
-
 __all__ = ("run_sync",)
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
 
 # Job states.
 _QUEUED: Final = 0
@@ -156,7 +152,7 @@ class _ThreadJob:
             if inspect.iscoroutine(value):
                 value.close()
                 raise TypeError(
-                    f"{_name(self.func)} returned a coroutine: it is async, so await it "
+                    f"{describe(self.func)} returned a coroutine: it is async, so await it "
                     "directly instead of passing it to run_sync()"
                 )
         except BaseException as exc:
@@ -263,10 +259,6 @@ class _ThreadJob:
         return self.value
 
 
-def _name(func: object) -> str:
-    return getattr(func, "__qualname__", None) or repr(func)
-
-
 async def run_sync(
     func: Callable[[Unpack[PosArgsT]], T],
     *args: Unpack[PosArgsT],
@@ -361,11 +353,19 @@ async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None
             counters.finished("threads", "never_started", was_running=False)
         raise
     except BaseException as exc:
-        if job.exception is not exc:  # anyio's own error (or its form of the job's)
-            if job.state == _DONE:
-                supervise.record(job)
+        if _not_the_jobs(job, exc):
             raise
     return await supervise.deliver(job)
+
+
+def _not_the_jobs(job: _ThreadJob, exc: BaseException) -> bool:
+    """True if `exc` is anyio's own error (or its form of the job's), not what the job
+    raised: the caller raises it as it is, after counting a job that ended."""
+    if job.exception is exc:
+        return False
+    if job.state == _DONE:
+        supervise.record(job)
+    return True
 
 
 async def _acquire(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> None:
@@ -393,9 +393,7 @@ async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> An
             job.drop_if_queued()
             return await supervise.deliver_cancelled(job, exc)
         except BaseException as exc:
-            if job.exception is not exc:  # anyio's own error (or its form of the job's)
-                if job.state == _DONE:
-                    supervise.record(job)
+            if _not_the_jobs(job, exc):
                 raise
             return await supervise.deliver(job)
         supervise.record(job)
@@ -461,10 +459,8 @@ class _TrioCall:
             with self.scope:
                 await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
         except BaseException as exc:  # a system task must not raise: hand it over
-            if job.exception is not exc:  # anyio's own error (or its form of the job's)
+            if _not_the_jobs(job, exc):
                 self.failure = exc
-                if job.state == _DONE:
-                    supervise.record(job)
         finally:
             if job.drop_if_queued():  # the scope was cancelled before it reached a thread
                 counters.finished("threads", "never_started", was_running=False)

@@ -19,16 +19,15 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
+from ._compat import PosArgsT, Self, Unpack
 from ._exceptions import Cancelled
+from ._seconds import check_seconds
 from ._token_daemons import Entry, report_unraisable
 from ._token_daemons import runner as _runner
 from ._token_daemons import timer as _timer
 
-if sys.version_info >= (3, 11):
-    from typing import Self, TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
-    from typing_extensions import Self, TypeVarTuple, Unpack
 
 __all__ = (
     "CancelSource",
@@ -38,8 +37,6 @@ __all__ = (
     "check_cancelled",
     "current_token",
 )
-
-PosArgsT = TypeVarTuple("PosArgsT")
 
 DEADLINE_REASON: Final = "deadline exceeded"
 
@@ -57,15 +54,6 @@ def _check_deadline(deadline: float) -> float:
     return deadline
 
 
-def _check_seconds(seconds: float) -> float:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        raise TypeError(f"seconds must be a number, got {seconds!r}")
-    seconds = float(seconds)
-    if math.isnan(seconds):
-        raise ValueError("seconds is NaN: pass a number of seconds, or math.inf for none")
-    return seconds
-
-
 # Kept under its older name for modules that import it from here.
 _report_unraisable = report_unraisable
 
@@ -79,8 +67,28 @@ _set = object.__setattr__
 Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
 
 
+class _LeftOnExit:
+    """A context manager whose exit calls `_leave` (unregister, close), and no more."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._leave()
+
+    def _leave(self) -> object:
+        raise NotImplementedError
+
+
 @final
-class Registration:
+class Registration(_LeftOnExit):
     """A callback registered with `CancelToken.on_cancel`.
 
     Use it as a context manager to unregister on exit, or call `unregister`.
@@ -111,16 +119,7 @@ class Registration:
         self._token = None
         return True
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.unregister()
+    _leave = unregister
 
 
 class _TokenFields:
@@ -154,7 +153,7 @@ class _TokenFields:
     _fds: tuple[int, int] | None
     _fires_at: float  # when it fires by itself
     # The locks of threads blocked in wait(), each released once by the firer.
-    _waiters: deque[Any]
+    _wait_locks: deque[Any]
     _never: bool
     _reason: str | None
     _timer_entry: Entry | None
@@ -260,12 +259,12 @@ class CancelToken(_TokenFields):
             return True
         if timeout is None:
             timeout = -1
-        elif math.isnan(timeout):
-            raise ValueError("timeout is NaN: pass seconds as a number, or None")
-        elif timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
-            timeout = -1
-        elif timeout <= 0:
-            return False
+        else:
+            timeout = check_seconds(timeout, "wait", "timeout", none="to wait", negative=True)
+            if timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
+                timeout = -1
+            elif timeout <= 0:
+                return False
         # A lock of its own, released by the firer: a waiter interrupted at any point
         # (KeyboardInterrupt, say) can hold up no other waiter.
         waiter = _allocate_lock()
@@ -285,9 +284,7 @@ class CancelToken(_TokenFields):
 
     def sleep(self, seconds: float) -> None:
         """Sleep like `time.sleep`, but raise `Cancelled` as soon as the token fires."""
-        if math.isnan(seconds) or seconds < 0:
-            raise ValueError(f"sleep length must be a non-negative number, got {seconds}")
-        if self.wait(seconds):
+        if self.wait(check_seconds(seconds, "sleep", "seconds")):
             raise Cancelled._create(self, self._reason)
 
     def fileno(self) -> int:
@@ -468,7 +465,7 @@ def _poke(fds: tuple[int, int]) -> None:
 
 
 @final
-class CancelSource:
+class CancelSource(_LeftOnExit):
     """The right to cancel a `CancelToken`.
 
     Args:
@@ -516,7 +513,7 @@ class CancelSource:
 
     def cancel_after(self, seconds: float) -> None:
         """Set the deadline `seconds` from now."""
-        seconds = _check_seconds(seconds)
+        seconds = check_seconds(seconds, "cancel_after", "seconds", negative=True)
         self._token._set_deadline(time.monotonic() + seconds)
 
     def cancel(self, reason: str | None = None) -> None:
@@ -554,16 +551,7 @@ class CancelSource:
             registration.unregister()
         self._token._drop_callbacks()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    _leave = close
 
     def _follow(self, parent: CancelToken) -> None:
         """Fire when `parent` does, without the parent keeping this source alive."""

@@ -33,12 +33,13 @@ import types
 from typing import Any, Final, NoReturn
 
 from . import _proc_wire as wire
+from ._describe import describe
 from ._exceptions import Cancelled
 from ._token import CancelSource, CancelToken, _current, _report_unraisable
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 
-FAILED_EXIT: Final = 70
+FAILED_EXIT: Final = wire.FAILED_EXIT
 """The worker's exit status when bridgecancel's own code in it failed (EX_SOFTWARE)."""
 
 
@@ -226,7 +227,7 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     if isinstance(result, types.CoroutineType):
         result.close()
         error = TypeError(
-            f"{_name(func)} returned a coroutine: run_process runs sync functions; "
+            f"{describe(func)} returned a coroutine: run_process runs sync functions; "
             "await async code in the caller instead"
         )
         return _raised(func, error)
@@ -234,7 +235,7 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
         return wire.RETURNED, wire.dumps(result)
     except Exception as exc:
         return wire.SEND_FAILED, (
-            f"the result of {_name(func)}, a {type(result).__qualname__}, could not be "
+            f"the result of {describe(func)}, a {type(result).__qualname__}, could not be "
             f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
             "something picklable (plain data, or a class defined at module level)"
         ).encode()
@@ -256,7 +257,7 @@ def _raised(func: object, exc: BaseException) -> tuple[int, bytes]:
         pickle.loads(data)  # the parent must be able to load it too
     except BaseException as error:
         return wire.SEND_FAILED, (
-            f"{_name(func)} raised {_describe(exc)}, which could not be pickled to send "
+            f"{describe(func)} raised {_describe(exc)}, which could not be pickled to send "
             f"it back ({_describe(error)}); make the exception picklable (keep its "
             "__init__ arguments in .args)\n\n"
             f"Remote traceback:\n{tb_text}"
@@ -289,12 +290,6 @@ def _exit_like(exc: SystemExit) -> NoReturn:
 
 def _reason_bytes(token: CancelToken) -> bytes:
     return (token.reason or "").encode("utf-8", "replace")
-
-
-def _name(func: object) -> str:
-    name = getattr(func, "__qualname__", None) or repr(func)
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}()" if module else f"{name}()"
 
 
 def _load_failure(exc: BaseException) -> str:

@@ -34,7 +34,6 @@ import concurrent.futures
 import inspect
 import math
 import pickle
-import sys
 import threading
 import time
 import uuid
@@ -47,7 +46,8 @@ import anyio.to_thread
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ._bridge import caller_deadline, threadsafe_caller
-from ._checks import describe as _describe
+from ._compat import PosArgsT, Unpack
+from ._describe import describe
 from ._exceptions import BrokenWorkerError, Cancelled
 from ._stats import Outcome, counters, log_cancelled
 from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
@@ -62,11 +62,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'bridgecancel[dask]'"
     ) from exc
 
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
-
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler
     from distributed.worker import Worker
@@ -74,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = ("run_on_cluster",)
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
 
 PLUGIN_NAME: Final = "bridgecancel"
 
@@ -153,7 +147,7 @@ async def run_on_cluster(
     _check_call(client, func, key, submit_options)
     await checkpoint_if_cancelled()
     await _ensure_plugins(client)
-    task_key = f"{key or _name(func)}-{uuid.uuid4().hex}"
+    task_key = f"{key or _key_prefix(func)}-{uuid.uuid4().hex}"
     deadline = caller_deadline()
     wall_deadline = math.inf if deadline == math.inf else time.time() + deadline - time.monotonic()
     try:
@@ -248,13 +242,13 @@ class _Call:
             elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
                 # Never let Dask's cancellation pass for the caller's own.
                 raise RuntimeError(
-                    f"the Dask future running {_describe(self.func)} was cancelled outside "
+                    f"the Dask future running {describe(self.func)} was cancelled outside "
                     "this call (was its client closed?)"
                 ) from exc
             elif isinstance(exc, distributed.KilledWorker):  # allowed-failures was 0
                 self.outcome = "crashed"
                 raise BrokenWorkerError(
-                    f"the Dask worker running {_describe(self.func)} died: {exc}"
+                    f"the Dask worker running {describe(self.func)} died: {exc}"
                 ) from exc
             raise
         if isinstance(value, _Stopped):
@@ -354,7 +348,7 @@ def _check_call(
         raise TypeError(f"run_on_cluster() needs a callable to run, got {func!r}")
     if inspect.iscoroutinefunction(func):
         raise TypeError(
-            f"{_describe(func)} is an async function: Dask runs sync functions; "
+            f"{describe(func)} is an async function: Dask runs sync functions; "
             "await it directly instead"
         )
     if key is not None and not isinstance(key, str):
@@ -375,12 +369,12 @@ def _is_pickling_error(exc: Exception) -> bool:
 
 
 def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) -> str:
-    culprit = f"{_describe(func)} or its arguments"
+    culprit = f"{describe(func)} or its arguments"
     for index, arg in enumerate(args):
         try:
             _dumps(arg)
         except Exception:
-            culprit = f"argument {index} of {_describe(func)}, a {type(arg).__qualname__},"
+            culprit = f"argument {index} of {describe(func)}, a {type(arg).__qualname__},"
             break
     return (
         f"cannot send {culprit} to the Dask cluster: pickling failed ({exc}); pass "
@@ -388,7 +382,9 @@ def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) ->
     )
 
 
-def _name(func: object) -> str:
+def _key_prefix(func: object) -> str:
+    """The start of a Dask task key (what the dashboard shows), not a description:
+    messages use `describe`."""
     name = getattr(func, "__name__", None) or type(func).__name__
     return str(name).replace("<", "").replace(">", "")
 
@@ -580,7 +576,7 @@ def _run_task(
             claim.cancel()
             raise RuntimeError(
                 f"the Dask scheduler did not answer {worker.address} within "
-                f"{_CLAIM_TIMEOUT:g} s about starting {_describe(func)}: it has no "
+                f"{_CLAIM_TIMEOUT:g} s about starting {describe(func)}: it has no "
                 "bridgecancel plugin (was it restarted?); call run_on_cluster() with a new "
                 "Client to register it"
             ) from None
@@ -588,7 +584,7 @@ def _run_task(
             return _Stopped(CALLER_CANCELLED)
         if verdict == _LOST:
             raise BrokenWorkerError(
-                f"the Dask worker running {_describe(func)} was lost (it died or left the "
+                f"the Dask worker running {describe(func)} was lost (it died or left the "
                 f"cluster) and Dask retried the task on {worker.address}; bridgecancel does "
                 "not run a call twice: call again if that is safe"
             )
