@@ -30,6 +30,7 @@ STDLIB_ONLY = {
     "_blocking_subprocess",
     "blocking",
     "_worker",
+    "_worker_results",
     "_proc_wire",
 }
 # CPython internals that only _cpython may touch (on objects other than `self`).

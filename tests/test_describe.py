@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from bridgecancel import _worker
+from bridgecancel import _worker_results
 from bridgecancel._describe import describe
 
 
@@ -22,4 +22,4 @@ def test_anything_without_a_qualname_is_its_repr() -> None:
 
 
 def test_the_worker_names_functions_with_the_same_helper() -> None:
-    assert _worker.describe is describe
+    assert _worker_results.describe is describe

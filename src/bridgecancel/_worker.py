@@ -33,9 +33,9 @@ import types
 from typing import Any, Final, NoReturn
 
 from . import _proc_wire as wire
-from ._describe import describe
 from ._exceptions import Cancelled
 from ._token import CancelSource, CancelToken, _current, _report_unraisable
+from ._worker_results import load_failure, raised, reason_bytes, returned
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 
@@ -200,9 +200,9 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     try:
         func, args = _loads(payload)
     except BaseException as exc:
-        return wire.LOAD_FAILED, _load_failure(exc).encode()
+        return wire.LOAD_FAILED, load_failure(exc).encode()
     if token.cancel_called:  # cancelled before it started: it never starts
-        return wire.CANCELLED, _reason_bytes(token)
+        return wire.CANCELLED, reason_bytes(token)
     state = _state
     try:
         wire.write_all(state.res_fd, wire.result_message(wire.STARTED, state.job_id, b""))
@@ -218,60 +218,13 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
             state.interruptible = False
     except Cancelled as exc:
         if token.cancel_called:
-            return wire.CANCELLED, _reason_bytes(token)
-        return _raised(func, exc)
+            return wire.CANCELLED, reason_bytes(token)
+        return raised(func, exc)
     except SystemExit as exc:
         _exit_like(exc)
     except BaseException as exc:
-        return _raised(func, exc)
-    if isinstance(result, types.CoroutineType):
-        result.close()
-        error = TypeError(
-            f"{describe(func)} returned a coroutine: run_process runs sync functions; "
-            "await async code in the caller instead"
-        )
-        return _raised(func, error)
-    try:
-        return wire.RETURNED, wire.dumps(result)
-    except Exception as exc:
-        return wire.SEND_FAILED, (
-            f"the result of {describe(func)}, a {type(result).__qualname__}, could not be "
-            f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
-            "something picklable (plain data, or a class defined at module level)"
-        ).encode()
-
-
-def _raised(func: object, exc: BaseException) -> tuple[int, bytes]:
-    """The result message for a job that raised `exc`. Never raises.
-
-    Whatever the exception does when pickled or printed (even a ``__str__`` that raises,
-    or a ``__reduce__`` that raises ``KeyboardInterrupt``), the worker stays up and the
-    call gets a clear error.
-    """
-    try:
-        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except BaseException as error:
-        tb_text = f"(the traceback could not be formatted: {_describe(error)})"
-    try:
-        data = wire.dumps((exc, tb_text))
-        pickle.loads(data)  # the parent must be able to load it too
-    except BaseException as error:
-        return wire.SEND_FAILED, (
-            f"{describe(func)} raised {_describe(exc)}, which could not be pickled to send "
-            f"it back ({_describe(error)}); make the exception picklable (keep its "
-            "__init__ arguments in .args)\n\n"
-            f"Remote traceback:\n{tb_text}"
-        ).encode("utf-8", "replace")
-    return wire.RAISED, data
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` for an error, even one whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except BaseException as error:
-        text = f"<str() failed with {type(error).__qualname__}>"
-    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+        return raised(func, exc)
+    return returned(func, result)
 
 
 def _exit_like(exc: SystemExit) -> NoReturn:
@@ -286,19 +239,6 @@ def _exit_like(exc: SystemExit) -> NoReturn:
         status = 1
     _flush_stdio()
     os._exit(status)
-
-
-def _reason_bytes(token: CancelToken) -> bytes:
-    return (token.reason or "").encode("utf-8", "replace")
-
-
-def _load_failure(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    hint = (
-        "define the function (and the classes of its arguments) at module level in a "
-        "module the worker can import"
-    )
-    return f"the worker could not unpickle the job ({text}); {hint}"
 
 
 # -- unpickling, and functions from the parent's __main__ ---------------------------------
