@@ -14,7 +14,8 @@ from typing import Final, NamedTuple
 
 from ._exceptions import Cancelled
 from ._seconds import check_seconds
-from ._token import CancelToken, current_token
+from ._token import CancelToken
+from ._token_current import current_token
 
 __all__ = (
     "DEFAULT_GRACE",

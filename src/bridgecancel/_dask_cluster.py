@@ -26,7 +26,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from ._describe import describe
 from ._exceptions import BrokenWorkerError, Cancelled
 from ._supervise import CALLER_CANCELLED
-from ._token import CancelSource, _current, informative_source
+from ._token import CancelSource, informative_source
+from ._token_current import _current
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler

@@ -1,4 +1,4 @@
-"""The one check of a number of seconds, for every argument that takes one.
+"""The one check of a number of seconds (and of a deadline), for every argument.
 
 One rule for infinity everywhere: `math.inf` is accepted and returned as itself (no
 limit); a caller for which it means "never" maps it. NaN, bools and non-numbers are
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ("check_seconds",)
+__all__ = ("check_deadline", "check_seconds")
 
 
 def check_seconds(
@@ -35,3 +35,17 @@ def check_seconds(
             f"{caller}() {name} must be a {kind} of seconds{alternative}, got {got}"
         )
     return float(value)
+
+
+def check_deadline(deadline: float) -> float:
+    """A deadline in `time.monotonic` terms as a float (math.inf: none)."""
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        raise TypeError(
+            f"deadline must be a float in time.monotonic() terms, got {deadline!r}"
+        )
+    deadline = float(deadline)
+    if math.isnan(deadline):
+        raise ValueError(
+            "deadline is NaN: pass a time.monotonic() value, or math.inf for none"
+        )
+    return deadline

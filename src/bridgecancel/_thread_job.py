@@ -18,7 +18,8 @@ from ._bridge import threadsafe_caller
 from ._describe import describe
 from ._exceptions import Cancelled
 from ._stats import Outcome, counters
-from ._token import CancelSource, _current
+from ._token import CancelSource
+from ._token_current import _current
 
 if TYPE_CHECKING:
     from ._interrupt import JobGuard

@@ -34,7 +34,9 @@ from typing import Any, Final, NoReturn
 
 from . import _proc_wire as wire
 from ._exceptions import Cancelled
-from ._token import CancelSource, CancelToken, _current, _report_unraisable
+from ._token import CancelSource, CancelToken
+from ._token_current import _current
+from ._token_daemons import report_unraisable
 from ._worker_results import load_failure, raised, reason_bytes, returned
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
@@ -113,7 +115,7 @@ def _cancel(job_id: int, reason: str | None) -> None:
     try:
         source.cancel(reason)
     except BaseException as exc:  # on_cancel callbacks failed; the job carries on
-        _report_unraisable(exc, "Exception in on_cancel callback of a process job", source)
+        report_unraisable(exc, "Exception in on_cancel callback of a process job", source)
 
 
 def _interrupt(job_id: int) -> None:

@@ -66,7 +66,7 @@ from ._describe import describe
 from ._exceptions import BrokenWorkerError
 from ._stats import Outcome, counters, log_cancelled
 from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
-from ._token import DEADLINE_REASON
+from ._token_state import DEADLINE_REASON
 
 __all__ = ("run_on_cluster",)
 
