@@ -17,7 +17,11 @@ STDLIB_ONLY = {
     "_describe",
     "_seconds",
     "_exceptions",
+    "_registration",
     "_token",
+    "_token_state",
+    "_token_current",
+    "_token_daemons",
     "_stats",
     "_interrupt",
     "_pidfd",
@@ -155,3 +159,12 @@ def test_only_cpython_touches_cpython_internals() -> None:
                 and not (isinstance(node.value, ast.Name) and node.value.id == "self")
             ):
                 raise AssertionError(f"{name}:{node.lineno} reads .{node.attr}")
+
+
+def test_the_architecture_page_lists_every_module() -> None:
+    page = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    for name in MODULES:
+        if name == "__init__" or name.endswith(".__init__") or name == "_demo":
+            continue
+        path = name.replace(".", "/") + ".py"
+        assert f"`{path}`" in page, f"docs/architecture.md does not list {path}"
