@@ -134,7 +134,9 @@ class CancelToken(TokenState):
         if timeout is None:
             timeout = -1
         else:
-            timeout = check_seconds(timeout, "wait", "timeout", none="to wait", negative=True)
+            timeout = check_seconds(
+                timeout, "wait", "timeout", none="to wait for ever", negative=True
+            )
             if timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
                 timeout = -1
             elif timeout <= 0:
