@@ -13,8 +13,15 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "bridgecancel"
 # Standard library only, also through what they import: tokens, blocking waits, the
 # process side.
 STDLIB_ONLY = {
+    "_compat",
+    "_describe",
+    "_seconds",
     "_exceptions",
+    "_registration",
     "_token",
+    "_token_state",
+    "_token_current",
+    "_token_daemons",
     "_stats",
     "_interrupt",
     "_pidfd",
@@ -27,6 +34,7 @@ STDLIB_ONLY = {
     "_blocking_subprocess",
     "blocking",
     "_worker",
+    "_worker_results",
     "_proc_wire",
 }
 # CPython internals that only _cpython may touch (on objects other than `self`).
@@ -151,3 +159,12 @@ def test_only_cpython_touches_cpython_internals() -> None:
                 and not (isinstance(node.value, ast.Name) and node.value.id == "self")
             ):
                 raise AssertionError(f"{name}:{node.lineno} reads .{node.attr}")
+
+
+def test_the_architecture_page_lists_every_module() -> None:
+    page = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    for name in MODULES:
+        if name == "__init__" or name.endswith(".__init__") or name == "_demo":
+            continue
+        path = name.replace(".", "/") + ".py"
+        assert f"`{path}`" in page, f"docs/architecture.md does not list {path}"

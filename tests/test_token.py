@@ -29,6 +29,8 @@ from bridgecancel import (
     CancelToken,
     Registration,
     _token,
+    _token_current,
+    _token_daemons,
     any_of,
     check_cancelled,
     current_token,
@@ -53,7 +55,7 @@ def _assert_no_timer_thread() -> None:
     for thread in _timer_threads():
         thread.join(PATIENCE)
     assert _timer_threads() == []
-    assert _token._timer.pending() == 0
+    assert _token_daemons.timer.pending() == 0
 
 
 def _in_thread(fn: Callable[[], object]) -> threading.Thread:
@@ -425,9 +427,9 @@ def test_timer_thread_lives_only_while_deadlines_are_pending(
     other = CancelSource(deadline=time.monotonic() + 100)
     source = CancelSource(deadline=time.monotonic() + 100)
     assert len(_timer_threads()) == 1
-    assert _token._timer.pending() == 2
+    assert _token_daemons.timer.pending() == 2
     end(source)
-    assert _token._timer.pending() == 1
+    assert _token_daemons.timer.pending() == 1
     assert len(_timer_threads()) == 1  # `other` still pending
     other.close()
     _assert_no_timer_thread()
@@ -1169,7 +1171,7 @@ def test_current_token_inside_a_worker_context_is_that_token() -> None:
         assert excinfo.value.reason == "job cancelled"
 
     context = contextvars.copy_context()
-    context.run(_token._current.set, source.token)
+    context.run(_token_current._current.set, source.token)
     context.run(in_worker)
     # The outer context is untouched.
     assert current_token() is not source.token
@@ -1472,7 +1474,7 @@ def test_informative_source_reports_its_deadline_but_never_fires_by_itself(
     token = source.token
     assert token.deadline == deadline == source.deadline
     assert 0 < token.remaining() <= 0.05
-    assert _token._timer.pending() == 0  # no timer entry
+    assert _token_daemons.timer.pending() == 0  # no timer entry
     assert not token.wait(0.2)  # well past the deadline
     assert token.remaining() == 0.0
     assert not token.cancel_called

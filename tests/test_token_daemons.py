@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bridgecancel import CancelSource, _token
+from bridgecancel import CancelSource, _token_daemons
 
 EXIT_PATIENCE = 20.0  # seconds a short script may take to exit (never reached when fixed)
 
@@ -170,7 +170,7 @@ def test_timer_memory_does_not_grow_with_calls_while_a_deadline_is_pending(how: 
             tracemalloc.stop()
         # Before the fix every call left ~230 B behind: 4.6 MB here.
         assert after - before < 200_000
-        assert _token._timer.pending() == 1
+        assert _token_daemons.timer.pending() == 1
     finally:
         unrelated.close()
 
@@ -200,9 +200,9 @@ def test_timer_thread_ends_once_the_only_pending_deadline_is_closed() -> None:
     _calls_under_long_deadlines(500, "closed")
     source.close()
     deadline = time.monotonic() + 5
-    while _token._timer.pending() and time.monotonic() < deadline:
+    while _token_daemons.timer.pending() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _token._timer.pending() == 0
-    while _token._timer._running.locked() and time.monotonic() < deadline:
+    assert _token_daemons.timer.pending() == 0
+    while _token_daemons.timer._running.locked() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not _token._timer._running.locked()  # the thread ended
+    assert not _token_daemons.timer._running.locked()  # the thread ended

@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import _proc_helpers as proc_helpers
 import _worker_exit_helpers as h
 from bridgecancel import BrokenWorkerError
 from bridgecancel._processes import run_process
@@ -56,6 +57,21 @@ async def test_an_escape_from_the_worker_loop_breaks_that_call_only(
     assert info.value.exitcode == FAILED_EXIT
     assert not alive(worker)
     assert await run_process(h.pid) != worker  # the pool recovered
+
+
+async def test_a_failed_worker_is_blamed_on_bridgecancel_not_on_sys_exit() -> None:
+    # Exit status 70 is bridgecancel's own code failing in the worker: no sys.exit() hint.
+    with anyio.fail_after(30), pytest.raises(BrokenWorkerError) as info:
+        await run_process(h.return_interrupting_result, False)
+    assert info.value.exitcode == FAILED_EXIT
+    message = str(info.value)
+    assert "bridgecancel's own code in the worker failed" in message
+    assert "stderr" in message
+    assert "sys.exit" not in message
+    # A job's own exit status keeps the hint.
+    with anyio.fail_after(30), pytest.raises(BrokenWorkerError) as info:
+        await run_process(proc_helpers.exit_with, 3)
+    assert "did it call sys.exit() or os._exit()?" in str(info.value)
 
 
 def test_a_failing_worker_reports_on_stderr_and_exits_at_once() -> None:

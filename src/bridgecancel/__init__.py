@@ -10,12 +10,12 @@ import typing as _typing
 from ._exceptions import BrokenWorkerError as BrokenWorkerError
 from ._exceptions import Cancelled as Cancelled
 from ._exceptions import RemoteTraceback as RemoteTraceback
+from ._registration import Registration as Registration
 from ._token import CancelSource as CancelSource
 from ._token import CancelToken as CancelToken
-from ._token import Registration as Registration
 from ._token import any_of as any_of
-from ._token import check_cancelled as check_cancelled
-from ._token import current_token as current_token
+from ._token_current import check_cancelled as check_cancelled
+from ._token_current import current_token as current_token
 
 if _typing.TYPE_CHECKING:
     from ._bridge import cancel_on as cancel_on

@@ -8,13 +8,14 @@ go through `wait_sliced`, the one loop that polls.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from ._exceptions import Cancelled
-from ._token import CancelToken, current_token
+from ._seconds import check_seconds
+from ._token import CancelToken
+from ._token_current import current_token
 
 __all__ = (
     "DEFAULT_GRACE",
@@ -43,33 +44,11 @@ def check_type(obj: object, expected: type | tuple[type, ...], caller: str, hint
         raise TypeError(f"{caller}() needs {hint}, got {obj!r}")
 
 
-def check_seconds(seconds: float, caller: str, name: str) -> float:
-    """`seconds` as a float, refusing what is not a non-negative number (inf is fine)."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        raise TypeError(f"{caller}() {name} must be a number of seconds, got {seconds!r}")
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(
-            f"{caller}() {name} must be a non-negative number of seconds, got {seconds!r}"
-        )
-    return float(seconds)
-
-
 def deadline_in(timeout: float | None, caller: str) -> float | None:
     """The monotonic deadline `timeout` seconds from now (None: no limit)."""
     if timeout is None:
         return None
-    try:
-        seconds = check_seconds(timeout, caller, "timeout")
-    except TypeError:
-        raise TypeError(
-            f"{caller}() timeout must be a number of seconds or None, got {timeout!r}"
-        ) from None
-    except ValueError:
-        raise ValueError(
-            f"{caller}() timeout must be a non-negative number of seconds or None "
-            f"(for no limit), got {timeout!r}"
-        ) from None
-    return time.monotonic() + seconds
+    return time.monotonic() + check_seconds(timeout, caller, "timeout", none="for no limit")
 
 
 def remaining(deadline: float | None) -> float | None:

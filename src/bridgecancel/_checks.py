@@ -14,16 +14,10 @@ from typing import Any
 
 import anyio
 
-__all__ = ("check_call", "check_seconds", "describe")
+from ._describe import describe
+from ._seconds import check_seconds
 
-
-def describe(func: object) -> str:
-    """``module.qualname()`` for a function, its repr for anything else."""
-    name = getattr(func, "__qualname__", None)
-    if name is None:
-        return repr(func)
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}()" if module else f"{name}()"
+__all__ = ("check_call",)
 
 
 def check_call(
@@ -47,9 +41,9 @@ def check_call(
             "anyio.CapacityLimiter(n)"
         )
     if interrupt_after is not None:
-        interrupt_after = check_seconds("interrupt_after", interrupt_after)
+        interrupt_after = _stage(api, "interrupt_after", interrupt_after)
     if kill_after is not None:
-        kill_after = check_seconds("kill_after", kill_after)
+        kill_after = _stage(api, "kill_after", kill_after)
     return interrupt_after, kill_after
 
 
@@ -84,13 +78,7 @@ def _check_func(api: str, func: object) -> None:
             )
 
 
-def check_seconds(name: str, value: object) -> float | None:
-    """A number of seconds for an escalation stage; None (never) for infinity."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a non-negative number of seconds (or None to skip that "
-            f"stage), got {value!r}"
-        )
-    return None if value == math.inf else float(value)
+def _stage(api: str, name: str, value: float) -> float | None:
+    """An escalation stage's seconds; None (never) for infinity."""
+    seconds = check_seconds(value, api, name, none="to skip that stage")
+    return None if seconds == math.inf else seconds

@@ -14,7 +14,8 @@ from ._blocking_common import POLL_SLICE, wait_sliced
 from ._blocking_fd import wait_fd
 from ._pidfd import open_pidfd
 from ._procfs import all_processes
-from ._token import _NEVER, CancelToken
+from ._token import CancelToken
+from ._token_current import _NEVER
 
 __all__ = ("Stopper", "wait_exit")
 

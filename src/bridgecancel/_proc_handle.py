@@ -21,6 +21,7 @@ from typing import Final
 import anyio
 
 from . import _proc_wire as wire
+from ._pidfd import open_pidfd
 
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,8 @@ class WorkerProcess:
         self._job_w = job_w
         self._ctl_w = ctl_w
         self._res_r = res_r
-        self._pidfd = _open_pidfd(proc.pid)
+        pidfd = open_pidfd(proc.pid)
+        self._pidfd = -1 if pidfd is None else pidfd
         self._buf = bytearray()
         self._last_job_id = 0
         self.idle_since = 0.0
@@ -178,16 +180,15 @@ class WorkerProcess:
 
     def close_pipes(self) -> None:
         """Close the job and control pipes: an idle worker exits, a busy one kills itself."""
-        for name in ("_job_w", "_ctl_w"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
+        self._close("_job_w", "_ctl_w")
 
     def release(self) -> None:
         """Close every descriptor; call once the worker has been reaped."""
-        self.close_pipes()
-        for name in ("_res_r", "_pidfd"):
+        self._close("_job_w", "_ctl_w", "_res_r", "_pidfd")
+
+    def _close(self, *names: str) -> None:
+        """Close the descriptors in these attributes, once each (-1 marks a closed one)."""
+        for name in names:
             fd = getattr(self, name)
             if fd >= 0:
                 setattr(self, name, -1)
@@ -254,17 +255,6 @@ def _pipe(fds: list[int]) -> tuple[int, int]:
     r, w = os.pipe()
     fds += (r, w)
     return r, w
-
-
-def _open_pidfd(pid: int) -> int:
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return -1
-    try:
-        fd: int = pidfd_open(pid)
-    except OSError:
-        return -1
-    return fd
 
 
 def _config() -> bytes:

@@ -47,6 +47,10 @@ STARTED: Final = 5
 # A cancel reason longer than this is cut, so a control record fits in one atomic write.
 MAX_REASON: Final = 1024
 
+FAILED_EXIT: Final = 70
+"""The worker's exit status when bridgecancel's own code in it failed (EX_SOFTWARE);
+it says why on its stderr first."""
+
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
 Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_handle._config)

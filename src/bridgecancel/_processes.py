@@ -1,10 +1,10 @@
 """`run_process`: run a sync function in a pooled worker process, with a real token.
 
 The pieces: `_proc_pool` starts and keeps worker processes, `_worker` is the process
-side, `_proc_wire` the bytes between them, and `_supervise` the cancel, escalate,
-deliver and count logic shared with the thread bridge. This module validates a call,
-pickles the job, picks a worker, and says how a process job is signalled and stopped
-and what came back.
+side, `_proc_wire` the bytes between them, `_proc_pickle` pickles a job before a worker
+is used, and `_supervise` holds the cancel, escalate, deliver and count logic shared with
+the thread bridge. This module validates a call, picks a worker, and says how a process
+job is signalled and stopped and what came back.
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 from . import _proc_wire as wire
 from . import _supervise as supervise
 from ._bridge import caller_deadline
-from ._checks import check_call, describe
+from ._checks import check_call
+from ._compat import PosArgsT, Unpack
+from ._describe import describe
 from ._exceptions import BrokenWorkerError, Cancelled, RemoteTraceback
-from ._proc_handle import WorkerProcess, main_is_loadable
+from ._proc_handle import WorkerProcess
+from ._proc_pickle import check_not_loading_main, pickle_job
 from ._proc_pool import pool
 from ._stats import Outcome, counters
-
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
 
 __all__ = (
     "DEFAULT_INTERRUPT_AFTER",
@@ -42,7 +40,6 @@ __all__ = (
 )
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
 
 DEFAULT_INTERRUPT_AFTER: Final = 1.0
 """Seconds from the cancel to raising `Cancelled` inside a worker that ignores its token."""
@@ -134,8 +131,8 @@ async def run_process(
     interrupt_after, kill_after = check_call(
         "run_process", func, limiter, interrupt_after=interrupt_after, kill_after=kill_after
     )
-    _check_not_loading_main()
-    payload = _pickle_job(func, args)
+    check_not_loading_main()
+    payload = pickle_job(func, args)
     if limiter is None:
         limiter = current_default_process_limiter()
     await checkpoint_if_cancelled()
@@ -326,79 +323,15 @@ def _broken_worker(pid: int, returncode: int, func: Callable[..., object]) -> Br
             f"{describe(func)}; the pool has replaced it",
             signal=signum,
         )
+    if returncode == wire.FAILED_EXIT:
+        why = (
+            "bridgecancel's own code in the worker failed, not the job; the worker's "
+            "stderr (this process's stderr) says why"
+        )
+    else:
+        why = "did it call sys.exit() or os._exit()?"
     return BrokenWorkerError(
         f"the worker process (pid {pid}) exited with code {returncode} while running "
-        f"{describe(func)} (did it call sys.exit() or os._exit()?); the pool has "
-        "replaced it",
+        f"{describe(func)} ({why}); the pool has replaced it",
         exitcode=returncode,
     )
-
-
-# -- checking a call -------------------------------------------------------------------
-
-
-def _check_not_loading_main() -> None:
-    worker = sys.modules.get("bridgecancel._worker")
-    if worker is not None and worker.loading_parent_main():
-        raise RuntimeError(
-            "run_process() was called while a worker process was importing the main "
-            "script to load a function from it; put the script's top-level code under "
-            "if __name__ == '__main__':"
-        )
-
-
-def _pickle_job(func: Callable[..., object], args: tuple[object, ...]) -> bytes:
-    """Pickle ``(func, args)`` now, so errors name the culprit before a worker is used."""
-    if getattr(func, "__module__", None) == "__main__" and not main_is_loadable():
-        return _pickle_by_value(func, args)
-    try:
-        return wire.dumps((func, args))
-    except Exception as exc:
-        raise pickle.PicklingError(_unpicklable_message(func, args)) from exc
-
-
-def _pickle_by_value(func: Callable[..., object], args: tuple[object, ...]) -> bytes:
-    """A function from an interactive ``__main__``: workers cannot import it by name."""
-    try:
-        import cloudpickle  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise pickle.PicklingError(
-            f"{describe(func)} is defined in an interactive __main__ (a REPL, a notebook "
-            "or python -c), which worker processes cannot import; define it in a module, "
-            "or install cloudpickle (pip install cloudpickle) to send it by value"
-        ) from None
-    data: bytes = cloudpickle.dumps((func, args), pickle.HIGHEST_PROTOCOL)
-    return data
-
-
-def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) -> str:
-    fix = _cloudpickle_hint()
-    try:
-        wire.dumps(func)
-    except Exception as exc:
-        return (
-            f"cannot send {describe(func)} to a worker process: pickling it failed "
-            f"({wire.describe_pickling_error(exc)}); define it at module level (lambdas, "
-            f"closures and nested functions cannot be pickled by name){fix}"
-        )
-    for index, arg in enumerate(args):
-        try:
-            wire.dumps(arg)
-        except Exception as exc:
-            return (
-                f"cannot send argument {index} of {describe(func)}, a "
-                f"{type(arg).__qualname__}, to a worker process: pickling it failed "
-                f"({wire.describe_pickling_error(exc)}); pass picklable data (locks, "
-                "open files, sockets and generators cannot be pickled)"
-            )
-    return f"cannot pickle the call {describe(func)} to send it to a worker process"
-
-
-def _cloudpickle_hint() -> str:
-    try:
-        import cloudpickle  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        return ", or install cloudpickle (pip install cloudpickle) to send it by value"
-    return ""
-
-

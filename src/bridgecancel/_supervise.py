@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 import anyio
 
 from ._stats import Kind, Outcome, counters, log_cancelled
-from ._token import DEADLINE_REASON
+from ._token_state import DEADLINE_REASON
 
 __all__ = (
     "CALLER_CANCELLED",

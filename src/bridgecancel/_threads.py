@@ -1,6 +1,6 @@
 """`run_sync`: anyio's worker threads, with the caller's cancellation reaching the worker.
 
-This module says only how a thread job starts, is signalled and stops; `_supervise`
+This module says how a thread job (`_thread_job`) is run on each backend; `_supervise`
 decides what a cancellation does to it. The thread itself is always started by
 ``anyio.to_thread.run_sync``, so everything anyio sets up in a worker
 (``anyio.from_thread.*``, contextvars, no current async library) stays as it is. The
@@ -21,250 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
-import inspect
 import sys
-import threading
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from . import _supervise as supervise
-from ._bridge import on_trio, source_for_caller, threadsafe_caller
+from ._bridge import on_trio, source_for_caller
 from ._checks import check_call
-from ._exceptions import Cancelled
-from ._stats import Outcome, counters
-from ._token import CancelSource, _current
-
-if TYPE_CHECKING:
-    from ._interrupt import JobGuard
-
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
+from ._compat import PosArgsT, Unpack
+from ._stats import counters
+from ._thread_job import DONE, DROPPED, UNLIMITED, ThreadJob
 
 __all__ = ("run_sync",)
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
-
-# Job states.
-_QUEUED: Final = 0
-_RUNNING: Final = 1
-_DONE: Final = 2
-_DROPPED: Final = 3  # the caller left before the job started: it never will
-
-
-class _Unlimited:
-    """A limiter that never waits: the real limiter is held by the caller instead."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-    # trio.to_thread.run_sync takes any "CapacityLimiter-like" object with these two.
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        return None
-
-    def release_on_behalf_of(self, borrower: object) -> None:
-        return None
-
-
-_UNLIMITED: Final[Any] = _Unlimited()
-
-
-class _ThreadJob:
-    """One call's job: runs in a worker thread; the `_supervise.Job` of a thread."""
-
-    kind: Final = "threads"
-    kill_after: Final = None  # a thread cannot be killed
-
-    __slots__ = (
-        "_claim",
-        "_event",
-        "args",
-        "began",
-        "done",
-        "exception",
-        "func",
-        "guard",
-        "in_worker",
-        "interrupt_after",
-        "on_done",
-        "source",
-        "state",
-        "value",
-    )
-
-    def __init__(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        source: CancelSource,
-        interrupt_after: float | None,
-    ) -> None:
-        self.func = func
-        self.args = args
-        self.source = source
-        # Whoever pops this first decides: the worker (the job starts) or the caller
-        # (it never will). list.pop() is atomic, so the hot path takes no lock.
-        self._claim = [None]
-        self.state = _QUEUED
-        self.began = False
-        self.in_worker = False
-        self.value: Any = None
-        self.exception: BaseException | None = None
-        self.on_done: Callable[[], object] | None = None
-        self._event: anyio.Event | None = None
-        # Escalation, only when asked for: set up here so the hot path pays nothing.
-        self.interrupt_after = interrupt_after
-        self.guard: JobGuard | None = None
-        self.done: threading.Event | None = None
-        if interrupt_after is not None:
-            from ._interrupt import JobGuard  # ctypes, loaded only by those who use it
-
-            self.guard = JobGuard(source.token)
-            self.done = threading.Event()
-
-    # -- the worker thread's side -----------------------------------------------------
-
-    def run(self) -> Any:
-        """Run the job unless the caller dropped it or its token already fired."""
-        try:
-            self._claim.pop()
-        except IndexError:
-            return None  # dropped: the caller has left
-        self.state = _RUNNING
-        self.in_worker = True
-        counters.started("threads")
-        token = self.source._token
-        if token.cancel_called:  # cancelled before it began: it never does
-            cancelled = Cancelled._create(token, token._reason)
-            self._end(None, cancelled)
-            raise cancelled
-        self.began = True
-        _current.set(token)
-        try:
-            guard = self.guard
-            value = self.func(*self.args) if guard is None else guard.run(self.func, *self.args)
-            if inspect.iscoroutine(value):
-                value.close()
-                raise TypeError(
-                    f"{_name(self.func)} returned a coroutine: it is async, so await it "
-                    "directly instead of passing it to run_sync()"
-                )
-        except BaseException as exc:
-            self._end(None, exc)
-            raise
-        self._end(value, None)
-        return value
-
-    def _end(self, value: Any, exception: BaseException | None) -> None:
-        self.value = value
-        self.exception = exception
-        self.state = _DONE
-        if self.done is not None:
-            self.done.set()
-        on_done = self.on_done  # read after the state is set: see wait()
-        if on_done is not None:
-            on_done()
-
-    # -- the caller's side: `_supervise.Job` ----------------------------------------------
-
-    def drop_if_queued(self) -> bool:
-        """Make sure a job that has not started never will; True if this call did it."""
-        claim = self._claim
-        if not claim:  # taken already (the usual case: no exception on the hot path)
-            return False
-        try:
-            claim.pop()
-        except IndexError:  # the worker took it just now
-            return False
-        self.state = _DROPPED
-        if self.done is not None:
-            self.done.set()
-        if self.on_done is not None:
-            self.on_done()
-        return True
-
-    @property
-    def deadline(self) -> float:
-        return self.source._token._deadline
-
-    @property
-    def started(self) -> bool:
-        return self.began
-
-    @property
-    def ended(self) -> bool:
-        return self.state >= _DONE
-
-    @property
-    def reason(self) -> str | None:
-        token = self.source._token
-        return token._reason if token.cancel_called else None
-
-    def fire(self, reason: str) -> None:
-        self.source._cancel_detached(reason)
-
-    async def wait(self, *, until_started: bool = False) -> None:
-        if self.state >= _DONE or (until_started and self.began):
-            return
-        event = self._event
-        if event is None:
-            event = self._event = anyio.Event()
-            self.on_done = functools.partial(threadsafe_caller(), event.set)
-            if self.state >= _DONE:  # it ended before it could see on_done
-                event.set()
-        await event.wait()
-
-    def interrupt(self) -> None:
-        threading.Thread(
-            target=self._interrupt_until_done, name="bridgecancel interrupter", daemon=True
-        ).start()
-
-    def _interrupt_until_done(self) -> None:
-        """Raise `Cancelled` in the job, again every RETRY_INTERVAL if it swallows it."""
-        from ._interrupt import RETRY_INTERVAL
-
-        done, guard = self.done, self.guard
-        assert done is not None
-        assert guard is not None
-        while not done.is_set():
-            guard.interrupt()
-            done.wait(RETRY_INTERVAL)
-
-    def kill(self) -> None:  # pragma: no cover - kill_after is None for threads
-        raise NotImplementedError("worker threads cannot be killed")
-
-    def outcome(self) -> Outcome:
-        if not self.began:
-            return "never_started"
-        if self.guard is not None and self.guard.interrupted:
-            return "interrupted"
-        if self.source._token.cancel_called:
-            return "cooperative"
-        return "completed"
-
-    @property
-    def stopped_by_cancel(self) -> bool:
-        exception = self.exception
-        return isinstance(exception, Cancelled) and exception.token is self.source._token
-
-    def result(self) -> Any:
-        if self.exception is not None:
-            raise self.exception
-        return self.value
-
-
-def _name(func: object) -> str:
-    return getattr(func, "__qualname__", None) or repr(func)
 
 
 async def run_sync(
@@ -328,7 +102,7 @@ async def run_sync(
             stacklevel=2,
         )
     trio_task = on_trio()
-    job = _ThreadJob(func, args, source_for_caller(trio_task), interrupt_after)
+    job = ThreadJob(func, args, source_for_caller(trio_task), interrupt_after)
     try:
         result: T
         if job.source._token.cancel_called:  # the caller is cancelled already
@@ -349,7 +123,7 @@ async def run_sync(
 _default_limiter: Final = anyio.to_thread.current_default_thread_limiter
 
 
-async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
+async def _run_abandoning(job: ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
     try:
         await anyio.to_thread.run_sync(job.run, abandon_on_cancel=True, limiter=limiter)
     except anyio.get_cancelled_exc_class() as exc:
@@ -361,14 +135,22 @@ async def _run_abandoning(job: _ThreadJob, limiter: anyio.CapacityLimiter | None
             counters.finished("threads", "never_started", was_running=False)
         raise
     except BaseException as exc:
-        if job.exception is not exc:  # anyio's own error (or its form of the job's)
-            if job.state == _DONE:
-                supervise.record(job)
+        if _not_the_jobs(job, exc):
             raise
     return await supervise.deliver(job)
 
 
-async def _acquire(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> None:
+def _not_the_jobs(job: ThreadJob, exc: BaseException) -> bool:
+    """True if `exc` is anyio's own error (or its form of the job's), not what the job
+    raised: the caller raises it as it is, after counting a job that ended."""
+    if job.exception is exc:
+        return False
+    if job.state == DONE:
+        supervise.record(job)
+    return True
+
+
+async def _acquire(job: ThreadJob, limiter: anyio.CapacityLimiter) -> None:
     """Borrow a token for the job: at once if one is free, else wait in line."""
     try:
         limiter.acquire_on_behalf_of_nowait(job)
@@ -379,12 +161,12 @@ async def _acquire(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> None:
 # -- asyncio ------------------------------------------------------------------------
 
 
-async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
+async def _run_on_asyncio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
     await _acquire(job, limiter)
     try:
         try:
             value = await anyio.to_thread.run_sync(
-                job.run, abandon_on_cancel=True, limiter=_UNLIMITED
+                job.run, abandon_on_cancel=True, limiter=UNLIMITED
             )
         except asyncio.CancelledError as exc:
             if job.exception is exc:  # the worker itself raised CancelledError
@@ -393,9 +175,7 @@ async def _run_on_asyncio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> An
             job.drop_if_queued()
             return await supervise.deliver_cancelled(job, exc)
         except BaseException as exc:
-            if job.exception is not exc:  # anyio's own error (or its form of the job's)
-                if job.state == _DONE:
-                    supervise.record(job)
+            if _not_the_jobs(job, exc):
                 raise
             return await supervise.deliver(job)
         supervise.record(job)
@@ -421,7 +201,7 @@ class _TrioCall:
 
     __slots__ = ("caller", "failure", "job", "scope")
 
-    def __init__(self, job: _ThreadJob, scope: Any) -> None:
+    def __init__(self, job: ThreadJob, scope: Any) -> None:
         self.job = job
         self.scope = scope
         self.caller: Any = None
@@ -439,7 +219,7 @@ class _TrioCall:
             finally:
                 del failure  # no cycle through this frame's traceback
         job = self.job
-        if job.state == _DROPPED:  # the host's scope was cancelled before the thread
+        if job.state == DROPPED:  # the host's scope was cancelled before the thread
             await anyio.sleep_forever()  # started: the caller's own cancellation, at once
         if job.stopped_by_cancel:
             return await supervise.deliver(job)  # the caller's own cancellation
@@ -459,24 +239,22 @@ class _TrioCall:
         job = self.job
         try:
             with self.scope:
-                await anyio.to_thread.run_sync(job.run, limiter=_UNLIMITED)
+                await anyio.to_thread.run_sync(job.run, limiter=UNLIMITED)
         except BaseException as exc:  # a system task must not raise: hand it over
-            if job.exception is not exc:  # anyio's own error (or its form of the job's)
+            if _not_the_jobs(job, exc):
                 self.failure = exc
-                if job.state == _DONE:
-                    supervise.record(job)
         finally:
             if job.drop_if_queued():  # the scope was cancelled before it reached a thread
                 counters.finished("threads", "never_started", was_running=False)
             sys.modules["trio"].lowlevel.reschedule(self.caller)
 
 
-async def _escalate_shielded(job: _ThreadJob) -> None:
+async def _escalate_shielded(job: ThreadJob) -> None:
     with anyio.CancelScope(shield=True):
         await supervise.escalate(job)
 
 
-async def _run_on_trio(job: _ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
+async def _run_on_trio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
     await _acquire(job, limiter)
     try:
         return await _TrioCall(job, sys.modules["trio"].CancelScope()).run()

@@ -1,7 +1,9 @@
-"""Cancel tokens: `CancelSource`, `CancelToken`, `Registration`, `any_of`, `current_token`.
+"""Cancel tokens: `CancelSource`, `CancelToken`, `any_of`.
 
 Standard library only: the process-side worker imports this module, and it must start fast.
-A token's state lives on the token; a source is the right to fire it.
+A token's state lives on the token (`_token_state`, which also says how it fires); a
+source is the right to fire it. `Registration` is in `_registration`, `current_token` in
+`_token_current`.
 """
 
 from __future__ import annotations
@@ -15,154 +17,25 @@ import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, final
 
+from ._compat import PosArgsT, Unpack
 from ._exceptions import Cancelled
-from ._token_daemons import Entry, report_unraisable
+from ._registration import FOLLOWER, INLINE, USER, LeftOnExit, Registration
+from ._seconds import check_deadline, check_seconds
+from ._token_daemons import report_unraisable
 from ._token_daemons import runner as _runner
-from ._token_daemons import timer as _timer
+from ._token_state import Deferred, TokenState, close_fds, poke, set_slot
 
-if sys.version_info >= (3, 11):
-    from typing import Self, TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
-    from typing_extensions import Self, TypeVarTuple, Unpack
 
-__all__ = (
-    "CancelSource",
-    "CancelToken",
-    "Registration",
-    "any_of",
-    "check_cancelled",
-    "current_token",
-)
-
-PosArgsT = TypeVarTuple("PosArgsT")
-
-DEADLINE_REASON: Final = "deadline exceeded"
-
-
-def _check_deadline(deadline: float) -> float:
-    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
-        raise TypeError(
-            f"deadline must be a float in time.monotonic() terms, got {deadline!r}"
-        )
-    deadline = float(deadline)
-    if math.isnan(deadline):
-        raise ValueError(
-            "deadline is NaN: pass a time.monotonic() value, or math.inf for none"
-        )
-    return deadline
-
-
-def _check_seconds(seconds: float) -> float:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        raise TypeError(f"seconds must be a number, got {seconds!r}")
-    seconds = float(seconds)
-    if math.isnan(seconds):
-        raise ValueError("seconds is NaN: pass a number of seconds, or math.inf for none")
-    return seconds
-
-
-# Kept under its older name for modules that import it from here.
-_report_unraisable = report_unraisable
-
-# What `on_cancel` registrations are, as values in a token's callbacks dict.
-_USER: Final = 1  # a user's callback: with `_cancel_detached`, runs in the runner thread
-_INLINE: Final = 2  # bridgecancel's own quick, non-blocking wake-up: runs in the canceller
-_FOLLOWER: Final = 3  # a child or `any_of` source: fires in the same way as this token
-
-# Writes to a token's private slots (users cannot assign to a token's attributes).
-_set = object.__setattr__
-Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
-
-
-@final
-class Registration:
-    """A callback registered with `CancelToken.on_cancel`.
-
-    Use it as a context manager to unregister on exit, or call `unregister`.
-    """
-
-    __slots__ = ("_args", "_fn", "_token", "__weakref__")
-
-    def __init__(
-        self, token: CancelToken | None, fn: Callable[..., object], args: tuple[Any, ...]
-    ) -> None:
-        self._token = token  # None once it ran, is running, or was unregistered
-        self._fn = fn
-        self._args = args
-
-    def unregister(self) -> bool:
-        """Stop the callback from running.
-
-        Returns:
-            True only if this call stopped it; False if it already ran, is running
-            now, or was unregistered before.
-        """
-        token = self._token
-        if token is None:
-            return False
-        # Whoever pops a registration from the dict runs or drops it: exactly once.
-        if not token._callbacks.pop(self, 0):
-            return False
-        self._token = None
-        return True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.unregister()
-
-
-class _TokenFields:
-    """A token's storage. `_new_token` fills it with plain stores (cheap: every job
-    makes a token), then makes it a `CancelToken`, which refuses assignment; this module
-    changes it later through `_set`."""
-
-    # State changes are single atomic operations (a slot store, a dict pop or
-    # setdefault, a lock release), never a lock a canceller waits on: the thread that
-    # fires a token may be a signal handler that interrupted this token's own code.
-    __slots__ = (
-        "_callbacks",
-        "_once",
-        "_deadline",
-        "_fds",
-        "_fires_at",
-        "_wait_locks",
-        "_never",
-        "_reason",
-        "_timer_entry",
-        "__weakref__",
-        "cancel_called",
-    )
-
-    # Registration -> _USER, _INLINE or _FOLLOWER, insertion-ordered.
-    _callbacks: dict[Registration, int]
-    # What only the first of racing threads may set, by atomic dict.setdefault: the
-    # first firer's (reason,) under "reason", the pipe under "fds".
-    _once: dict[str, Any]
-    _deadline: float  # what the token reports
-    _fds: tuple[int, int] | None
-    _fires_at: float  # when it fires by itself
-    # The locks of threads blocked in wait(), each released once by the firer.
-    _wait_locks: deque[Any]
-    _never: bool
-    _reason: str | None
-    _timer_entry: Entry | None
+__all__ = ("CancelSource", "CancelToken", "any_of", "informative_source")
 
 
 def _new_token(deadline: float, never: bool = False) -> CancelToken:
-    fields = _TokenFields()
-    _set(fields, "cancel_called", False)
+    fields = TokenState()
+    set_slot(fields, "cancel_called", False)
     fields._reason = None
     fields._deadline = fields._fires_at = deadline
     fields._callbacks = {}
@@ -176,7 +49,7 @@ def _new_token(deadline: float, never: bool = False) -> CancelToken:
 
 
 @final
-class CancelToken(_TokenFields):
+class CancelToken(TokenState):
     """A read-only view of a cancellation: safe to hand to any code, in any thread.
 
     Get one from `CancelSource.token`, or `current_token()` inside a worker. Firing it
@@ -260,12 +133,14 @@ class CancelToken(_TokenFields):
             return True
         if timeout is None:
             timeout = -1
-        elif math.isnan(timeout):
-            raise ValueError("timeout is NaN: pass seconds as a number, or None")
-        elif timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
-            timeout = -1
-        elif timeout <= 0:
-            return False
+        else:
+            timeout = check_seconds(
+                timeout, "wait", "timeout", none="to wait for ever", negative=True
+            )
+            if timeout > threading.TIMEOUT_MAX:  # math.inf: acquire would overflow
+                timeout = -1
+            elif timeout <= 0:
+                return False
         # A lock of its own, released by the firer: a waiter interrupted at any point
         # (KeyboardInterrupt, say) can hold up no other waiter.
         waiter = _allocate_lock()
@@ -285,9 +160,7 @@ class CancelToken(_TokenFields):
 
     def sleep(self, seconds: float) -> None:
         """Sleep like `time.sleep`, but raise `Cancelled` as soon as the token fires."""
-        if math.isnan(seconds) or seconds < 0:
-            raise ValueError(f"sleep length must be a non-negative number, got {seconds}")
-        if self.wait(seconds):
+        if self.wait(check_seconds(seconds, "sleep", "seconds")):
             raise Cancelled._create(self, self._reason)
 
     def fileno(self) -> int:
@@ -302,13 +175,13 @@ class CancelToken(_TokenFields):
             os.set_blocking(new[1], False)
             fds = self._once.setdefault("fds", new)
             if fds is not new:  # another thread made one first
-                _close_fds(new)
+                close_fds(new)
                 return int(fds[0])
-            weakref.finalize(self, _close_fds, fds)
-            _set(self, "_fds", fds)
+            weakref.finalize(self, close_fds, fds)
+            set_slot(self, "_fds", fds)
             # After publishing: a firer either saw the pipe or set the flag first.
             if self.cancel_called:
-                _poke(fds)
+                poke(fds)
         return fds[0]
 
     # -- callbacks and children -------------------------------------------------------
@@ -328,13 +201,13 @@ class CancelToken(_TokenFields):
         """
         if not callable(fn):
             raise TypeError(f"on_cancel() needs a callable, got {fn!r}")
-        return self._register(fn, args, _USER)
+        return self._register(fn, args, USER)
 
     def _on_cancel_inline(self, fn: Callable[..., object], *args: Any) -> Registration:
         """`on_cancel` for bridgecancel's own wake-ups, which run in the cancelling
         thread even for `CancelSource._cancel_detached`. `fn` must be quick, never block
         and never raise."""
-        return self._register(fn, args, _INLINE)
+        return self._register(fn, args, INLINE)
 
     def _register(
         self, fn: Callable[..., object], args: tuple[Any, ...], kind: int
@@ -357,118 +230,16 @@ class CancelToken(_TokenFields):
         Its deadline is the earlier of `deadline` and this token's. Close the child
         (or use it as a context manager) when done, so this token forgets it.
         """
-        deadline = _check_deadline(deadline)
+        deadline = check_deadline(deadline)
         source = CancelSource(deadline=min(deadline, self._fires_at))
         if self._deadline < source._token._deadline:
-            _set(source._token, "_deadline", self._deadline)  # reported, never fired at
+            set_slot(source._token, "_deadline", self._deadline)  # reported, never fired at
         if not self._never:
             source._follow(self)
         return source
 
-    # -- firing (the source's side) ---------------------------------------------------
-
-    def _fire(self, reason: str | None, deferred: Deferred | None) -> list[BaseException]:
-        """Fire the token; return the errors its callbacks raised.
-
-        With `deferred`, user callbacks (this token's and its followers') are appended
-        to it rather than run. Takes no lock: safe in a signal handler that interrupted
-        any of this token's methods.
-        """
-        if self.cancel_called:
-            return []
-        mine = (reason,)
-        first = self._once.setdefault("reason", mine)
-        # Every caller stores the same first reason before the flag, so once any
-        # cancel() returns the token reads as cancelled, with its first reason.
-        _set(self, "_reason", first[0])
-        _set(self, "cancel_called", True)
-        if first is not mine:
-            return []
-        waiters = self._wait_locks
-        while waiters:
-            try:
-                waiters.popleft().release()
-            except IndexError:  # emptied meanwhile by a waiter leaving
-                break
-        fds = self._fds
-        if fds is not None:
-            _poke(fds)
-        entry = self._timer_entry
-        if entry is not None:
-            _timer.discard(entry)
-        errors: list[BaseException] = []
-        callbacks = self._callbacks
-        # Registrations added from now on see the flag and run themselves.
-        for registration in reversed(list(callbacks)):
-            kind = callbacks.pop(registration, 0)
-            if not kind:
-                continue  # unregistered, or run by on_cancel, meanwhile
-            fn, args = registration._fn, registration._args
-            registration._token = None
-            if kind == _FOLLOWER:
-                follower = args[0]()
-                if follower is not None:
-                    errors += follower._token._fire(first[0], deferred)
-            elif kind == _USER and deferred is not None:
-                deferred.append((self, fn, args))
-            else:
-                try:
-                    fn(*args)
-                except BaseException as exc:  # every callback runs; errors go together
-                    errors.append(exc)
-        return errors
-
-    def _fire_for_deadline(self, entry: Entry) -> None:
-        """Called by the timer thread; callbacks run in it, errors to the hook."""
-        if self._timer_entry is entry:  # not closed or moved meanwhile
-            for exc in self._fire(DEADLINE_REASON, None):
-                report_unraisable(exc, "Exception in on_cancel callback", self)
-
-    def _set_deadline(self, deadline: float) -> None:
-        deadline = _check_deadline(deadline)
-        _set(self, "_deadline", deadline)
-        _set(self, "_fires_at", deadline)
-        pending = not self.cancel_called and deadline != math.inf
-        passed = pending and deadline <= time.monotonic()
-        # Published before the timer can see it: the timer fires an entry only while
-        # it is the token's current one (so racing setters leave inert entries).
-        entry = Entry(self, deadline) if pending and not passed else None
-        old = self._timer_entry
-        _set(self, "_timer_entry", entry)
-        if old is not None:
-            _timer.discard(old)
-        if entry is not None:
-            _timer.add(entry)
-        elif passed:
-            for exc in self._fire(DEADLINE_REASON, None):
-                report_unraisable(exc, "Exception in on_cancel callback", self)
-
-    def _drop_callbacks(self) -> None:
-        entry = self._timer_entry
-        if entry is not None:
-            _set(self, "_timer_entry", None)
-            _timer.discard(entry)
-        callbacks = self._callbacks
-        if callbacks:
-            for registration in list(callbacks):
-                if callbacks.pop(registration, 0):
-                    registration._token = None
-
-
-def _close_fds(fds: tuple[int, int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _poke(fds: tuple[int, int]) -> None:
-    try:
-        os.write(fds[1], b"\0")
-    except OSError:  # full (it is readable already) or closed (nobody selects on it)
-        pass
-
-
 @final
-class CancelSource:
+class CancelSource(LeftOnExit):
     """The right to cancel a `CancelToken`.
 
     Args:
@@ -512,11 +283,11 @@ class CancelSource:
     def _inform(self, deadline: float) -> None:
         """Report `deadline` on the token without ever firing at it (see
         `informative_source`)."""
-        _set(self._token, "_deadline", _check_deadline(deadline))
+        set_slot(self._token, "_deadline", check_deadline(deadline))
 
     def cancel_after(self, seconds: float) -> None:
         """Set the deadline `seconds` from now."""
-        seconds = _check_seconds(seconds)
+        seconds = check_seconds(seconds, "cancel_after", "seconds", negative=True)
         self._token._set_deadline(time.monotonic() + seconds)
 
     def cancel(self, reason: str | None = None) -> None:
@@ -554,16 +325,7 @@ class CancelSource:
             registration.unregister()
         self._token._drop_callbacks()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    _leave = close
 
     def _follow(self, parent: CancelToken) -> None:
         """Fire when `parent` does, without the parent keeping this source alive."""
@@ -574,7 +336,7 @@ class CancelSource:
                 registration.unregister()
 
         ref = weakref.ref(self, forget)
-        registration = parent._register(_cancel_follower, (ref, parent), _FOLLOWER)
+        registration = parent._register(_cancel_follower, (ref, parent), FOLLOWER)
         holder.append(registration)
         self._parents.append(registration)
 
@@ -609,30 +371,8 @@ def any_of(*tokens: CancelToken) -> CancelSource:
     source = CancelSource(deadline=min((t._fires_at for t in tokens), default=math.inf))
     reported = min((token._deadline for token in tokens), default=math.inf)
     if reported < source._token._deadline:
-        _set(source._token, "_deadline", reported)
+        set_slot(source._token, "_deadline", reported)
     for token in tokens:
         if not token._never:
             source._follow(token)
     return source
-
-
-# -- the current token ----------------------------------------------------------------
-
-_NEVER: Final = _new_token(math.inf, never=True)
-_current: ContextVar[CancelToken] = ContextVar("bridgecancel_current_token")
-
-
-def current_token() -> CancelToken:
-    """The running job's token inside a bridgecancel worker (thread or process).
-
-    Anywhere else, a token that is never cancelled, so library code can call
-    ``current_token().check()`` unconditionally.
-    """
-    return _current.get(_NEVER)
-
-
-def check_cancelled() -> None:
-    """Raise `Cancelled` if the current job's token has fired (see `current_token`)."""
-    token = _current.get(_NEVER)
-    if token.cancel_called:
-        raise Cancelled._create(token, token._reason)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._token import CancelToken
+    from ._token_state import TokenState
 
 # Below this many entries the heap is never compacted; above it, once half is dead.
 _COMPACT_MIN = 64
@@ -220,10 +220,10 @@ class Entry(weakref.ref):  # type: ignore[type-arg]
 
     __slots__ = ("deadline", "live")
 
-    def __new__(cls, token: CancelToken, deadline: float) -> Entry:  # noqa: PYI034
+    def __new__(cls, token: TokenState, deadline: float) -> Entry:  # noqa: PYI034
         return super().__new__(cls, token, _entry_died)
 
-    def __init__(self, token: CancelToken, deadline: float) -> None:
+    def __init__(self, token: TokenState, deadline: float) -> None:
         # weakref.ref.__init__ does nothing: __new__ made the reference.
         self.deadline = deadline
         self.live = True

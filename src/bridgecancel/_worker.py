@@ -34,11 +34,14 @@ from typing import Any, Final, NoReturn
 
 from . import _proc_wire as wire
 from ._exceptions import Cancelled
-from ._token import CancelSource, CancelToken, _current, _report_unraisable
+from ._token import CancelSource, CancelToken
+from ._token_current import _current
+from ._token_daemons import report_unraisable
+from ._worker_results import load_failure, raised, reason_bytes, returned
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 
-FAILED_EXIT: Final = 70
+FAILED_EXIT: Final = wire.FAILED_EXIT
 """The worker's exit status when bridgecancel's own code in it failed (EX_SOFTWARE)."""
 
 
@@ -112,7 +115,7 @@ def _cancel(job_id: int, reason: str | None) -> None:
     try:
         source.cancel(reason)
     except BaseException as exc:  # on_cancel callbacks failed; the job carries on
-        _report_unraisable(exc, "Exception in on_cancel callback of a process job", source)
+        report_unraisable(exc, "Exception in on_cancel callback of a process job", source)
 
 
 def _interrupt(job_id: int) -> None:
@@ -199,9 +202,9 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     try:
         func, args = _loads(payload)
     except BaseException as exc:
-        return wire.LOAD_FAILED, _load_failure(exc).encode()
+        return wire.LOAD_FAILED, load_failure(exc).encode()
     if token.cancel_called:  # cancelled before it started: it never starts
-        return wire.CANCELLED, _reason_bytes(token)
+        return wire.CANCELLED, reason_bytes(token)
     state = _state
     try:
         wire.write_all(state.res_fd, wire.result_message(wire.STARTED, state.job_id, b""))
@@ -217,60 +220,13 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
             state.interruptible = False
     except Cancelled as exc:
         if token.cancel_called:
-            return wire.CANCELLED, _reason_bytes(token)
-        return _raised(func, exc)
+            return wire.CANCELLED, reason_bytes(token)
+        return raised(func, exc)
     except SystemExit as exc:
         _exit_like(exc)
     except BaseException as exc:
-        return _raised(func, exc)
-    if isinstance(result, types.CoroutineType):
-        result.close()
-        error = TypeError(
-            f"{_name(func)} returned a coroutine: run_process runs sync functions; "
-            "await async code in the caller instead"
-        )
-        return _raised(func, error)
-    try:
-        return wire.RETURNED, wire.dumps(result)
-    except Exception as exc:
-        return wire.SEND_FAILED, (
-            f"the result of {_name(func)}, a {type(result).__qualname__}, could not be "
-            f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
-            "something picklable (plain data, or a class defined at module level)"
-        ).encode()
-
-
-def _raised(func: object, exc: BaseException) -> tuple[int, bytes]:
-    """The result message for a job that raised `exc`. Never raises.
-
-    Whatever the exception does when pickled or printed (even a ``__str__`` that raises,
-    or a ``__reduce__`` that raises ``KeyboardInterrupt``), the worker stays up and the
-    call gets a clear error.
-    """
-    try:
-        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except BaseException as error:
-        tb_text = f"(the traceback could not be formatted: {_describe(error)})"
-    try:
-        data = wire.dumps((exc, tb_text))
-        pickle.loads(data)  # the parent must be able to load it too
-    except BaseException as error:
-        return wire.SEND_FAILED, (
-            f"{_name(func)} raised {_describe(exc)}, which could not be pickled to send "
-            f"it back ({_describe(error)}); make the exception picklable (keep its "
-            "__init__ arguments in .args)\n\n"
-            f"Remote traceback:\n{tb_text}"
-        ).encode("utf-8", "replace")
-    return wire.RAISED, data
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` for an error, even one whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except BaseException as error:
-        text = f"<str() failed with {type(error).__qualname__}>"
-    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+        return raised(func, exc)
+    return returned(func, result)
 
 
 def _exit_like(exc: SystemExit) -> NoReturn:
@@ -285,25 +241,6 @@ def _exit_like(exc: SystemExit) -> NoReturn:
         status = 1
     _flush_stdio()
     os._exit(status)
-
-
-def _reason_bytes(token: CancelToken) -> bytes:
-    return (token.reason or "").encode("utf-8", "replace")
-
-
-def _name(func: object) -> str:
-    name = getattr(func, "__qualname__", None) or repr(func)
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}()" if module else f"{name}()"
-
-
-def _load_failure(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    hint = (
-        "define the function (and the classes of its arguments) at module level in a "
-        "module the worker can import"
-    )
-    return f"the worker could not unpickle the job ({text}); {hint}"
 
 
 # -- unpickling, and functions from the parent's __main__ ---------------------------------

@@ -8,12 +8,13 @@ worker, and a result or error produced after the cancel is still delivered.
 
 How the cancel travels (Dask's public plugin API only; Dask itself stops nothing):
 
-* The caller asks the scheduler, through a handler that this module's `SchedulerPlugin`
-  adds, to cancel the call. The scheduler knows whether the task has started and where:
-  if it has not, it is marked so that it never starts, and the call returns at once; if
-  it has, the scheduler forwards the cancel to that worker, whose `WorkerPlugin` handler
-  fires the task's token. The task is then left to finish normally, so Dask keeps its
-  thread busy until it has, and its result or error comes back the ordinary way.
+* The caller asks the scheduler, through a handler that bridgecancel's `SchedulerPlugin`
+  (in `_dask_cluster`) adds, to cancel the call. The scheduler knows whether the task
+  has started and where: if it has not, it is marked so that it never starts, and the
+  call returns at once; if it has, the scheduler forwards the cancel to that worker,
+  whose `WorkerPlugin` handler fires the task's token. The task is then left to finish
+  normally, so Dask keeps its thread busy until it has, and its result or error comes
+  back the ordinary way.
 * Every task first claims its call at the scheduler. A second claim for a call means
   the worker running the first attempt died (or left) and Dask retried the task
   elsewhere: the retry raises `BrokenWorkerError` instead of running the function again,
@@ -34,49 +35,42 @@ import concurrent.futures
 import inspect
 import math
 import pickle
-import sys
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from ._bridge import caller_deadline, threadsafe_caller
-from ._checks import describe as _describe
-from ._exceptions import BrokenWorkerError, Cancelled
-from ._stats import Outcome, counters, log_cancelled
-from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
-from ._token import DEADLINE_REASON, CancelSource, _current, informative_source
-
+# Before the cluster's side, which imports Dask: say what to install if it is missing.
 try:
     import distributed
-    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "bridgecancel.dask needs Dask's distributed scheduler: "
         "pip install 'bridgecancel[dask]'"
     ) from exc
 
-if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
-else:  # pragma: no cover - exercised on 3.10 only
-    from typing_extensions import TypeVarTuple, Unpack
-
-if TYPE_CHECKING:
-    from distributed.scheduler import Scheduler
-    from distributed.worker import Worker
+from ._bridge import caller_deadline, threadsafe_caller
+from ._compat import PosArgsT, Unpack
+from ._dask_cluster import (
+    NOT_STARTED,
+    Stopped,
+    asyncio_loop,
+    ensure_plugins,
+    run_task,
+)
+from ._describe import describe
+from ._exceptions import BrokenWorkerError
+from ._stats import Outcome, counters, log_cancelled
+from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
+from ._token_state import DEADLINE_REASON
 
 __all__ = ("run_on_cluster",)
 
 T = TypeVar("T")
-PosArgsT = TypeVarTuple("PosArgsT")
-
-PLUGIN_NAME: Final = "bridgecancel"
 
 # Options of Client.submit that make sense for one call; any other keyword argument
 # would be passed by Dask to the function, which is never what the caller meant here.
@@ -84,21 +78,6 @@ _SUBMIT_OPTIONS: Final = frozenset(
     {"workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers"}
 )
 
-# Scheduler replies.
-_RUN: Final = "run"
-_NOT_STARTED: Final = "not started"
-_STARTED: Final = "started"
-_LOST: Final = "lost"
-
-# How long the scheduler remembers calls cancelled before they started, so that a
-# worker that picks one up late (its release still on the wire) does not run it.
-_TOMBSTONE_SECONDS: Final = 300.0
-
-# A scheduler without our plugin (restarted since the client registered it) never
-# answers (Dask logs the unknown handler and drops the message): a task waits this long
-# for its claim before saying so, and a cancel then falls back to Future.cancel(), whose
-# release the worker plugin still turns into the task's token firing.
-_CLAIM_TIMEOUT: Final = 30.0
 _CANCEL_TIMEOUT: Final = 10.0
 
 
@@ -152,13 +131,13 @@ async def run_on_cluster(
     """
     _check_call(client, func, key, submit_options)
     await checkpoint_if_cancelled()
-    await _ensure_plugins(client)
-    task_key = f"{key or _name(func)}-{uuid.uuid4().hex}"
+    await ensure_plugins(client)
+    task_key = f"{key or _key_prefix(func)}-{uuid.uuid4().hex}"
     deadline = caller_deadline()
     wall_deadline = math.inf if deadline == math.inf else time.time() + deadline - time.monotonic()
     try:
         future = client.submit(
-            _run_task, task_key, func, args, wall_deadline, bool(submit_options.get("retries")),
+            run_task, task_key, func, args, wall_deadline, bool(submit_options.get("retries")),
             key=task_key, pure=False, **submit_options,
         )
     except Exception as exc:
@@ -217,8 +196,8 @@ class _Call:
                 _OnClientLoop(client, lambda: _cancel_call(client, self.key, reason))
             )
         except Exception:
-            reply = _NOT_STARTED  # no answer from the scheduler: let Dask drop the task
-        if reply == _NOT_STARTED:
+            reply = NOT_STARTED  # no answer from the scheduler: let Dask drop the task
+        if reply == NOT_STARTED:
             self.outcome = None
             # Dropping the future makes the gather end too (its outcome is ignored).
             _OnClientLoop(client, lambda: client.cancel(future, asynchronous=True))
@@ -248,16 +227,16 @@ class _Call:
             elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
                 # Never let Dask's cancellation pass for the caller's own.
                 raise RuntimeError(
-                    f"the Dask future running {_describe(self.func)} was cancelled outside "
+                    f"the Dask future running {describe(self.func)} was cancelled outside "
                     "this call (was its client closed?)"
                 ) from exc
             elif isinstance(exc, distributed.KilledWorker):  # allowed-failures was 0
                 self.outcome = "crashed"
                 raise BrokenWorkerError(
-                    f"the Dask worker running {_describe(self.func)} died: {exc}"
+                    f"the Dask worker running {describe(self.func)} died: {exc}"
                 ) from exc
             raise
-        if isinstance(value, _Stopped):
+        if isinstance(value, Stopped):
             return value.reason or "cancelled", None
         return None, value
 
@@ -292,7 +271,7 @@ class _OnClientLoop(Generic[T]):
         async def run() -> T:
             return await make()
 
-        self.future = asyncio.run_coroutine_threadsafe(run(), _asyncio_loop(client))
+        self.future = asyncio.run_coroutine_threadsafe(run(), asyncio_loop(client))
         self.future.add_done_callback(lambda _: call_in_loop(self.done.set))
 
     async def wait(self) -> None:
@@ -300,13 +279,6 @@ class _OnClientLoop(Generic[T]):
 
     def result(self) -> T:
         return self.future.result()
-
-
-def _asyncio_loop(client_or_worker: distributed.Client | Worker) -> asyncio.AbstractEventLoop:
-    """The asyncio loop under a Dask client's or worker's (tornado) event loop."""
-    loop: Any = client_or_worker.loop
-    asyncio_loop: asyncio.AbstractEventLoop = loop.asyncio_loop
-    return asyncio_loop
 
 
 def _dumps(obj: object) -> bytes:
@@ -354,7 +326,7 @@ def _check_call(
         raise TypeError(f"run_on_cluster() needs a callable to run, got {func!r}")
     if inspect.iscoroutinefunction(func):
         raise TypeError(
-            f"{_describe(func)} is an async function: Dask runs sync functions; "
+            f"{describe(func)} is an async function: Dask runs sync functions; "
             "await it directly instead"
         )
     if key is not None and not isinstance(key, str):
@@ -375,12 +347,12 @@ def _is_pickling_error(exc: Exception) -> bool:
 
 
 def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) -> str:
-    culprit = f"{_describe(func)} or its arguments"
+    culprit = f"{describe(func)} or its arguments"
     for index, arg in enumerate(args):
         try:
             _dumps(arg)
         except Exception:
-            culprit = f"argument {index} of {_describe(func)}, a {type(arg).__qualname__},"
+            culprit = f"argument {index} of {describe(func)}, a {type(arg).__qualname__},"
             break
     return (
         f"cannot send {culprit} to the Dask cluster: pickling failed ({exc}); pass "
@@ -388,241 +360,10 @@ def _unpicklable_message(func: object, args: tuple[Any, ...], exc: Exception) ->
     )
 
 
-def _name(func: object) -> str:
+def _key_prefix(func: object) -> str:
+    """The start of a Dask task key (what the dashboard shows), not a description:
+    messages use `describe`."""
     name = getattr(func, "__name__", None) or type(func).__name__
     return str(name).replace("<", "").replace(">", "")
 
 
-# -- plugins -----------------------------------------------------------------------------
-
-_installed: set[tuple[str, str]] = set()
-_install_lock = threading.Lock()
-
-
-async def _ensure_plugins(client: distributed.Client) -> None:
-    """Register the scheduler and worker plugins once per client and scheduler."""
-    scheduler: Any = client.scheduler
-    ident = (client.id, str(scheduler.address))
-    if ident in _installed:
-        return
-    try:
-        if client.asynchronous:  # an asynchronous client on this very loop
-            await client.register_plugin(_SchedulerCalls(), name=PLUGIN_NAME)
-            await client.register_plugin(_WorkerTokens(), name=PLUGIN_NAME)
-        else:
-            await anyio.to_thread.run_sync(_register_blocking, client)
-    except Exception as exc:
-        raise RuntimeError(
-            "could not register bridgecancel's plugins on the Dask cluster "
-            f"({type(exc).__name__}: {exc}); the scheduler and every worker must be able "
-            "to import bridgecancel (install it in the cluster's environment)"
-        ) from exc
-    with _install_lock:
-        _installed.add(ident)
-
-
-def _register_blocking(client: distributed.Client) -> None:
-    client.register_plugin(_SchedulerCalls(), name=PLUGIN_NAME)
-    client.register_plugin(_WorkerTokens(), name=PLUGIN_NAME)
-
-
-class _Stopped:
-    """What a task returns when it stopped because its token fired."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str | None) -> None:
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Stopped, (self.reason,))
-
-
-class _SchedulerCalls(SchedulerPlugin):
-    """Knows, per call, whether it has started and on which worker; forwards cancels.
-
-    A key's state is the address of the worker running it, or ``_FINISHED``;
-    ``tombstones`` holds calls cancelled before they started.
-    """
-
-    _FINISHED: Final = ""
-    # Registered by every client that calls run_on_cluster: keep the first instance,
-    # which holds the state of the calls in flight.
-    idempotent = True
-
-    def __init__(self) -> None:
-        self.calls: dict[str, str] = {}
-        self.tombstones: OrderedDict[str, float] = OrderedDict()
-        self.scheduler: Scheduler | None = None
-
-    async def start(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        scheduler.handlers["bridgecancel_claim"] = self.claim
-        scheduler.handlers["bridgecancel_cancel"] = self.cancel
-        scheduler.handlers["bridgecancel_release"] = self.release
-
-    async def close(self) -> None:
-        if self.scheduler is not None:
-            for name in ("bridgecancel_claim", "bridgecancel_cancel", "bridgecancel_release"):
-                self.scheduler.handlers.pop(name, None)
-
-    def transition(
-        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
-    ) -> None:
-        if key not in self.calls:
-            return
-        if finish == "forgotten":
-            del self.calls[key]
-        elif start == "processing" and finish in ("memory", "erred"):
-            self.calls[key] = self._FINISHED  # the worker reported back: not lost
-
-    def claim(self, key: str, worker: str) -> str:
-        """A task starts on `worker`: may it run?"""
-        if key in self.tombstones:
-            return _NOT_STARTED
-        if self.calls.get(key, self._FINISHED) != self._FINISHED:
-            return _LOST  # an attempt already started on a worker that is gone
-        self.calls[key] = worker
-        return _RUN
-
-    def release(self, key: str, worker: str) -> None:
-        """The attempt on `worker` raised, and Dask will retry it (``retries=``)."""
-        if self.calls.get(key) == worker:
-            self.calls[key] = self._FINISHED
-
-    async def cancel(self, key: str, reason: str) -> str:
-        """The caller was cancelled: stop the call, or make sure it never starts."""
-        worker = self.calls.get(key)
-        if worker is None:
-            self._bury(key)
-            return _NOT_STARTED
-        if worker != self._FINISHED and self.scheduler is not None:
-            try:
-                await self.scheduler.rpc(worker).bridgecancel_fire(key=key, reason=reason)
-            except Exception:
-                pass  # the worker is gone: the retry reports it lost
-        return _STARTED
-
-    def _bury(self, key: str) -> None:
-        now = time.monotonic()
-        self.tombstones[key] = now
-        while self.tombstones:
-            oldest, when = next(iter(self.tombstones.items()))
-            if now - when < _TOMBSTONE_SECONDS:
-                break
-            del self.tombstones[oldest]
-
-
-class _WorkerTokens(WorkerPlugin):
-    """Fires a running task's token: on the scheduler's word, or if Dask releases it."""
-
-    idempotent = True
-
-    def setup(self, worker: Worker) -> None:
-        worker.handlers["bridgecancel_fire"] = _fire
-
-    def teardown(self, worker: Worker) -> None:
-        worker.handlers.pop("bridgecancel_fire", None)
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if start in ("executing", "long-running") and finish in ("released", "cancelled"):
-            _fire(str(key), "the task's Dask future was released")
-
-
-# -- the worker's side -------------------------------------------------------------------
-
-_running: dict[str, CancelSource] = {}
-_running_lock = threading.Lock()
-
-
-def _fire(key: str, reason: str) -> bool:
-    """Fire the token of the task `key` running here, without blocking this loop.
-
-    Runs on the worker's event loop: waiters wake at once, and user ``on_cancel``
-    callbacks run in bridgecancel's callback thread, not here.
-    """
-    with _running_lock:
-        source = _running.get(key)
-    if source is None:
-        return False
-    source._cancel_detached(reason)
-    return True
-
-
-def _job_source(wall_deadline: float) -> CancelSource:
-    """The task's token source: it carries the caller's deadline but fires only on cancel."""
-    if wall_deadline == math.inf:
-        return CancelSource()
-    return informative_source(time.monotonic() + wall_deadline - time.time())
-
-
-def _run_task(
-    key: str,
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    wall_deadline: float,
-    may_retry: bool,
-) -> Any:
-    """The task Dask runs: claim the call, run `func` with its token, report a stop.
-
-    With Dask's ``retries=``, an attempt that raised gives its claim back before the
-    error reaches the scheduler, so the retry is not taken for a lost worker's.
-    """
-    worker = distributed.get_worker()
-    source = _job_source(wall_deadline)
-    with _running_lock:  # registered before the claim, so a cancel always finds it
-        _running[key] = source
-    try:
-        claim = _on_worker_loop(worker, _claim(worker, key))
-        try:
-            verdict = claim.result(_CLAIM_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            claim.cancel()
-            raise RuntimeError(
-                f"the Dask scheduler did not answer {worker.address} within "
-                f"{_CLAIM_TIMEOUT:g} s about starting {_describe(func)}: it has no "
-                "bridgecancel plugin (was it restarted?); call run_on_cluster() with a new "
-                "Client to register it"
-            ) from None
-        if verdict == _NOT_STARTED:
-            return _Stopped(CALLER_CANCELLED)
-        if verdict == _LOST:
-            raise BrokenWorkerError(
-                f"the Dask worker running {_describe(func)} was lost (it died or left the "
-                f"cluster) and Dask retried the task on {worker.address}; bridgecancel does "
-                "not run a call twice: call again if that is safe"
-            )
-        token = source.token
-        reset = _current.set(token)
-        try:
-            return func(*args)
-        except Cancelled as exc:
-            if exc.token is token:
-                return _Stopped(token.reason)
-            raise
-        except BaseException:
-            if may_retry:
-                _on_worker_loop(worker, _release(worker, key)).result(_CLAIM_TIMEOUT)
-            raise
-        finally:
-            _current.reset(reset)
-    finally:
-        with _running_lock:
-            del _running[key]
-        source.close()
-
-
-def _on_worker_loop(worker: Worker, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-    async def run() -> T:
-        return await coro
-
-    return asyncio.run_coroutine_threadsafe(run(), _asyncio_loop(worker))
-
-
-async def _release(worker: Worker, key: str) -> None:
-    await worker.scheduler.bridgecancel_release(key=key, worker=worker.address)
-
-
-async def _claim(worker: Worker, key: str) -> str:
-    verdict: str = await worker.scheduler.bridgecancel_claim(key=key, worker=worker.address)
-    return verdict

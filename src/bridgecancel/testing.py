@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from ._exceptions import Cancelled
 from ._procfs import all_processes
+from ._seconds import check_seconds
 from ._stats import statistics
 from ._token import CancelSource
 
@@ -123,11 +124,11 @@ class assert_cancels_within:
     """
 
     def __init__(self, seconds: float, *, after: float | None = None) -> None:
-        if seconds < 0 or (after is not None and after < 0):
-            raise ValueError(
-                f"assert_cancels_within() takes non-negative seconds, got {seconds=}, {after=}"
+        self.seconds = check_seconds(seconds, "assert_cancels_within", "seconds")
+        if after is not None:
+            after = check_seconds(
+                after, "assert_cancels_within", "after", none="to cancel it yourself"
             )
-        self.seconds = seconds
         self._after = after
         self._source = CancelSource()
         self._cancelled_at: float | None = None

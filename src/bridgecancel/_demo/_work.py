@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import blocking
 from .._exceptions import Cancelled
-from .._token import current_token
+from .._token_current import current_token
 
 __all__ = (
     "cpu_loop",

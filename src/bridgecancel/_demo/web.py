@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from .._stats import statistics
 from .._threads import run_sync
-from .._token import current_token
+from .._token_current import current_token
 from ..asgi import CancelOnDisconnectMiddleware, _on_trio
 
 __all__ = ("web_disconnect",)

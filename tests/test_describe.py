@@ -1,0 +1,25 @@
+"""Tests for `bridgecancel._describe`: how messages name a function, on both sides."""
+
+from __future__ import annotations
+
+import functools
+
+from bridgecancel import _worker_results
+from bridgecancel._describe import describe
+
+
+def _job() -> None:
+    pass
+
+
+def test_a_function_is_named_by_module_and_qualname() -> None:
+    assert describe(_job) == f"{__name__}._job()"
+
+
+def test_anything_without_a_qualname_is_its_repr() -> None:
+    partial = functools.partial(_job)
+    assert describe(partial) == repr(partial)
+
+
+def test_the_worker_names_functions_with_the_same_helper() -> None:
+    assert _worker_results.describe is describe
