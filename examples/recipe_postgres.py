@@ -47,7 +47,8 @@ from psycopg.abc import Query
 from bridgecancel import current_token, run_sync
 from bridgecancel.asgi import CancelOnDisconnectMiddleware, threaded
 
-THREADED_APP = "bridgecancel recipe, threaded"
+# The process id keeps runs side by side (CI runs suites at once) apart in pg_stat_activity.
+THREADED_APP = f"bridgecancel recipe, threaded, pid {os.getpid()}"
 
 
 class _Canceller:
