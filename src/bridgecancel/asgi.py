@@ -24,8 +24,9 @@ import functools
 import inspect
 import math
 import sys
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 import anyio
@@ -114,63 +115,53 @@ class CancelOnDisconnectMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(receive, send, self.max_buffered)
+        exchange = _Exchange(receive, send, self.max_buffered, _on_trio())
         if self.timeout is not None:
             exchange.app_scope.deadline = anyio.current_time() + self.timeout
-        # The watcher task is started with the backend's own primitives: an anyio task
-        # group would cost more than the rest of the middleware together (a tenth of a
-        # millisecond per request on asyncio).
-        if _on_trio():
-            await self._call_on_trio(exchange, scope)
-        else:
-            await self._call_on_asyncio(exchange, scope)
+        try:
+            with exchange.app_scope:
+                await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
+        finally:
+            if exchange.watching:
+                await exchange.stop_watching()
+        if exchange.watch_error is not None:
+            raise exchange.watch_error  # a bug in watch(), surfaced
         if exchange.timed_out():
             await exchange.answer_timeout()
 
-    async def _call_on_asyncio(self, exchange: _Exchange, scope: _Scope) -> None:
-        loop = asyncio.get_running_loop()
-        watcher: asyncio.Task[None] | None = None
 
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = loop.create_task(exchange.watch())
+@types.coroutine
+def _run_watched(app_call: Awaitable[None], exchange: _Exchange) -> Generator[Any, Any, None]:
+    """``await app_call``, starting `exchange`'s watcher the first time the app waits.
 
-        # The watcher starts at the loop's next turn: until the app first waits, no
-        # disconnect could be seen anyway, and an app that answers without ever waiting
-        # (uvicorn's send does not wait while the client keeps up) costs no task.
-        starting = loop.call_soon(start_watching)
+    Until the app first waits, no disconnect could be acted on anyway, and an app that
+    answers without ever waiting (uvicorn's ``send`` does not wait while the client
+    keeps up) costs no task at all. So this passes what the app yields to the event
+    loop, and what the loop sends or throws back, exactly as ``await`` would, and starts
+    the watcher at the first yield.
+    """
+    steps = app_call.__await__()
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
         try:
-            with exchange.app_scope:
-                await self.app(scope, exchange.receive, exchange.send)
-        finally:
-            starting.cancel()
-            if watcher is not None:
-                watcher.cancel()
-                # Reaped before returning, so no part of the request outlives it;
-                # asyncio.wait never raises the watcher's cancellation in this task.
-                await asyncio.wait((watcher,))
-        if watcher is not None and not watcher.cancelled() and watcher.exception():
-            raise watcher.exception()  # type: ignore[misc]  # a bug in watch(), surfaced
-
-    async def _call_on_trio(self, exchange: _Exchange, scope: _Scope) -> None:
-        trio = sys.modules["trio"]
-        # The app's exception is held until the nursery has exited, so the server sees
-        # it as itself rather than wrapped in an exception group.
-        failure: BaseException | None = None
+            if thrown is None:
+                yielded = steps.send(sent)
+            else:
+                yielded, thrown = steps.throw(thrown), None
+        except StopIteration:
+            return
+        if not exchange.watching:
+            exchange.start_watching()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(exchange.watch)
-                try:
-                    with exchange.app_scope:
-                        await self.app(scope, exchange.receive, exchange.send)
-                except BaseException as exc:
-                    failure = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
-        finally:
-            del failure
+            sent = yield yielded
+        except GeneratorExit:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
+            raise
+        except BaseException as exc:  # handed to the app, as await would
+            sent, thrown = None, exc
 
 
 def _on_trio() -> bool:
@@ -182,7 +173,7 @@ def _on_trio() -> bool:
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
-    def __init__(self, receive: _Receive, send: _Send, max_buffered: int) -> None:
+    def __init__(self, receive: _Receive, send: _Send, max_buffered: int, on_trio: bool) -> None:
         self._server_receive = receive
         self._server_send = send
         self._max_buffered = max_buffered
@@ -194,9 +185,62 @@ class _Exchange:
         self._app_waiting: anyio.Event | None = None  # for a message to arrive
         self._watcher_waiting: anyio.Event | None = None  # for the app to take one
         self._trailers = False
+        self._on_trio = on_trio
+        # The watcher, once started: an asyncio task, or a trio system task with its own
+        # cancel scope and an event set when it has ended.
+        self._watcher: asyncio.Task[None] | None = None
+        self._watcher_scope: Any = None
+        self._watcher_done: Any = None
+        self.watching = False
+        self.watch_error: BaseException | None = None
         self.app_scope = anyio.CancelScope()
         self.response_started = False
         self.response_complete = False
+
+    def start_watching(self) -> None:
+        # The backend's own primitives rather than an anyio task group, which would cost
+        # more than the rest of the middleware together. On trio, a system task: a nursery
+        # cannot be opened in the middle of the app's call (its cancel scope would nest
+        # inside the app's own); the watcher is reaped before the request returns all
+        # the same (stop_watching).
+        self.watching = True
+        if self._on_trio:
+            trio = sys.modules["trio"]
+            self._watcher_scope = trio.CancelScope()
+            self._watcher_done = trio.Event()
+            trio.lowlevel.spawn_system_task(self._watch_in_system_task, name="asgi watcher")
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_in_task())
+
+    async def stop_watching(self) -> None:
+        """Cancel the watcher and wait until it has ended: no part of a request outlives it."""
+        if self._on_trio:
+            self._watcher_scope.cancel()
+            with sys.modules["trio"].CancelScope(shield=True):
+                await self._watcher_done.wait()
+        else:
+            assert self._watcher is not None
+            self._watcher.cancel()
+            # asyncio.wait never raises the watcher's cancellation in this task.
+            await asyncio.wait((self._watcher,))
+
+    async def _watch_in_task(self) -> None:
+        try:
+            await self.watch()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.watch_error = exc
+
+    async def _watch_in_system_task(self) -> None:
+        # A system task must not raise: what escapes is handed to the request's task.
+        try:
+            with self._watcher_scope:
+                await self.watch()
+        except BaseException as exc:
+            self.watch_error = exc
+        finally:
+            self._watcher_done.set()
 
     async def watch(self) -> None:
         """Read the server's messages ahead of the app until the client disconnects."""
