@@ -46,6 +46,8 @@ _T = TypeVar("_T")
 
 _DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
 
+_WATCHER_NAME: Final = "bridgecancel.asgi watcher"
+
 _TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped.\n"
 
 
@@ -115,9 +117,7 @@ class CancelOnDisconnectMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(receive, send, self.max_buffered, _on_trio())
-        if self.timeout is not None:
-            exchange.app_scope.deadline = anyio.current_time() + self.timeout
+        exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
         try:
             with exchange.app_scope:
                 await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
@@ -173,7 +173,32 @@ def _on_trio() -> bool:
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
-    def __init__(self, receive: _Receive, send: _Send, max_buffered: int, on_trio: bool) -> None:
+    __slots__ = (
+        "_app_waiting",
+        "_disconnect",
+        "_held",
+        "_held_bytes",
+        "_max_buffered",
+        "_on_trio",
+        "_receive_error",
+        "_server_receive",
+        "_server_send",
+        "_timeout",
+        "_trailers",
+        "_watcher",
+        "_watcher_done",
+        "_watcher_scope",
+        "_watcher_waiting",
+        "app_scope",
+        "response_complete",
+        "response_started",
+        "watch_error",
+        "watching",
+    )
+
+    def __init__(
+        self, receive: _Receive, send: _Send, max_buffered: int, timeout: float | None
+    ) -> None:
         self._server_receive = receive
         self._server_send = send
         self._max_buffered = max_buffered
@@ -185,7 +210,8 @@ class _Exchange:
         self._app_waiting: anyio.Event | None = None  # for a message to arrive
         self._watcher_waiting: anyio.Event | None = None  # for the app to take one
         self._trailers = False
-        self._on_trio = on_trio
+        self._on_trio = _on_trio()
+        self._timeout = timeout
         # The watcher, once started: an asyncio task, or a trio system task with its own
         # cancel scope and an event set when it has ended.
         self._watcher: asyncio.Task[None] | None = None
@@ -193,7 +219,12 @@ class _Exchange:
         self._watcher_done: Any = None
         self.watching = False
         self.watch_error: BaseException | None = None
-        self.app_scope = anyio.CancelScope()
+        # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
+        self.app_scope: Any = (
+            sys.modules["trio"].CancelScope() if self._on_trio else anyio.CancelScope()
+        )
+        if timeout is not None:
+            self.app_scope.deadline = anyio.current_time() + timeout
         self.response_started = False
         self.response_complete = False
 
@@ -208,9 +239,10 @@ class _Exchange:
             trio = sys.modules["trio"]
             self._watcher_scope = trio.CancelScope()
             self._watcher_done = trio.Event()
-            trio.lowlevel.spawn_system_task(self._watch_in_system_task, name="asgi watcher")
+            trio.lowlevel.spawn_system_task(self._watch_in_system_task, name=_WATCHER_NAME)
         else:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_in_task())
+            loop = asyncio.get_running_loop()
+            self._watcher = loop.create_task(self._watch_in_task(), name=_WATCHER_NAME)
 
     async def stop_watching(self) -> None:
         """Cancel the watcher and wait until it has ended: no part of a request outlives it."""
@@ -305,7 +337,8 @@ class _Exchange:
             or kind == "http.response.pathsend"
         ):
             self.response_complete = True
-            self.app_scope.deadline = math.inf  # a complete response is never cut short
+            if self._timeout is not None:
+                self.app_scope.deadline = math.inf  # a complete response is never cut short
         await self._server_send(message)
 
     def timed_out(self) -> bool:
