@@ -245,13 +245,20 @@ class _Exchange:
             self._watcher = loop.create_task(self._watch_in_task(), name=_WATCHER_NAME)
 
     async def stop_watching(self) -> None:
-        """Cancel the watcher and wait until it has ended: no part of a request outlives it."""
+        """Cancel the watcher and wait until it has ended: no part of a request outlives it.
+
+        A watcher that has read the disconnect has ended already (hypercorn reports one
+        as every response completes): then there is nothing to wait for.
+        """
         if self._on_trio:
-            self._watcher_scope.cancel()
-            with sys.modules["trio"].CancelScope(shield=True):
-                await self._watcher_done.wait()
+            if not self._watcher_done.is_set():
+                self._watcher_scope.cancel()
+                with sys.modules["trio"].CancelScope(shield=True):
+                    await self._watcher_done.wait()
         else:
             assert self._watcher is not None
+            if self._watcher.done():
+                return
             self._watcher.cancel()
             # asyncio.wait never raises the watcher's cancellation in this task.
             await asyncio.wait((self._watcher,))
@@ -326,20 +333,26 @@ class _Exchange:
         after); marking it first makes that disconnect cancel nothing.
         """
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body" and not self._trailers:  # the common case first
+            if not message.get("more_body", False):
+                self._complete()
+        elif kind == "http.response.start":
             self.response_started = True
             self._trailers = bool(message.get("trailers", False))
         elif (
-            (kind in ("http.response.body", "http.response.zerocopysend") and not self._trailers)
+            (kind == "http.response.zerocopysend" and not self._trailers)
             and not message.get("more_body", False)
         ) or (
             (kind == "http.response.trailers" and not message.get("more_trailers", False))
             or kind == "http.response.pathsend"
         ):
-            self.response_complete = True
-            if self._timeout is not None:
-                self.app_scope.deadline = math.inf  # a complete response is never cut short
+            self._complete()
         await self._server_send(message)
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        if self._timeout is not None:
+            self.app_scope.deadline = math.inf  # a complete response is never cut short
 
     def timed_out(self) -> bool:
         """True if the deadline stopped the app before its response was complete."""
