@@ -20,6 +20,7 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import math
@@ -232,14 +233,19 @@ class _Exchange:
         # The backend's own primitives rather than an anyio task group, which would cost
         # more than the rest of the middleware together. On trio, a system task: a nursery
         # cannot be opened in the middle of the app's call (its cancel scope would nest
-        # inside the app's own); the watcher is reaped before the request returns all
-        # the same (stop_watching).
+        # inside the app's own), and one opened around every call costs a nursery per
+        # request; the watcher is reaped before the request returns all the same
+        # (stop_watching), and hands what it raises to the request (watch_error).
         self.watching = True
         if self._on_trio:
             trio = sys.modules["trio"]
             self._watcher_scope = trio.CancelScope()
             self._watcher_done = trio.Event()
-            trio.lowlevel.spawn_system_task(self._watch_in_system_task, name=_WATCHER_NAME)
+            trio.lowlevel.spawn_system_task(
+                self._watch_in_system_task,
+                name=_WATCHER_NAME,
+                context=contextvars.copy_context(),  # the request's, as a task would have
+            )
         else:
             loop = asyncio.get_running_loop()
             self._watcher = loop.create_task(self._watch_in_task(), name=_WATCHER_NAME)
