@@ -127,7 +127,7 @@ class CancelOnDisconnectMiddleware:
                 await exchange.stop_watching()
         if exchange.watch_error is not None:
             raise exchange.watch_error  # a bug in watch(), surfaced
-        if exchange.timed_out():
+        if self.timeout is not None and exchange.timed_out():
             await exchange.answer_timeout()
 
 
@@ -174,28 +174,24 @@ def _on_trio() -> bool:
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
-    __slots__ = (
-        "_app_waiting",
-        "_disconnect",
-        "_held",
-        "_held_bytes",
-        "_max_buffered",
-        "_on_trio",
-        "_receive_error",
-        "_server_receive",
-        "_server_send",
-        "_timeout",
-        "_trailers",
-        "_watcher",
-        "_watcher_done",
-        "_watcher_scope",
-        "_watcher_waiting",
-        "app_scope",
-        "response_complete",
-        "response_started",
-        "watch_error",
-        "watching",
-    )
+    # What most requests never change, as class-level defaults: an instance sets its own
+    # only when it changes (fewer stores per request than setting them all in __init__).
+    _held_bytes = 0
+    _disconnect: _Message | None = None
+    _receive_error: Exception | None = None  # what the server's receive raised
+    # Made only when someone waits, and dropped once set: most requests never wait.
+    _app_waiting: anyio.Event | None = None  # for a message to arrive
+    _watcher_waiting: anyio.Event | None = None  # for the app to take one
+    _trailers = False
+    # The watcher, once started: an asyncio task, or a trio system task with its own
+    # cancel scope and an event set when it has ended.
+    _watcher: asyncio.Task[None] | None = None
+    _watcher_scope: Any = None
+    _watcher_done: Any = None
+    watching = False
+    watch_error: BaseException | None = None
+    response_started = False
+    response_complete = False
 
     def __init__(
         self, receive: _Receive, send: _Send, max_buffered: int, timeout: float | None
@@ -204,30 +200,14 @@ class _Exchange:
         self._server_send = send
         self._max_buffered = max_buffered
         self._held: deque[_Message] = deque()
-        self._held_bytes = 0
-        self._disconnect: _Message | None = None
-        self._receive_error: Exception | None = None  # what the server's receive raised
-        # Made only when someone waits, and dropped once set: most requests never wait.
-        self._app_waiting: anyio.Event | None = None  # for a message to arrive
-        self._watcher_waiting: anyio.Event | None = None  # for the app to take one
-        self._trailers = False
         self._on_trio = _on_trio()
         self._timeout = timeout
-        # The watcher, once started: an asyncio task, or a trio system task with its own
-        # cancel scope and an event set when it has ended.
-        self._watcher: asyncio.Task[None] | None = None
-        self._watcher_scope: Any = None
-        self._watcher_done: Any = None
-        self.watching = False
-        self.watch_error: BaseException | None = None
         # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
         self.app_scope: Any = (
             sys.modules["trio"].CancelScope() if self._on_trio else anyio.CancelScope()
         )
         if timeout is not None:
             self.app_scope.deadline = anyio.current_time() + timeout
-        self.response_started = False
-        self.response_complete = False
 
     def start_watching(self) -> None:
         # The backend's own primitives rather than an anyio task group, which would cost
@@ -332,16 +312,19 @@ class _Exchange:
             self._app_waiting = self._app_waiting or anyio.Event()
             await self._app_waiting.wait()
 
-    async def send(self, message: _Message) -> None:
+    def send(self, message: _Message) -> Awaitable[None]:
         """The app's send: marks the response complete before its last message goes out.
 
         Servers report ``http.disconnect`` while that last message is being sent (and
-        after); marking it first makes that disconnect cancel nothing.
+        after); marking it first makes that disconnect cancel nothing. A plain function
+        that returns the server's own awaitable: no coroutine of its own per message.
         """
         kind = message["type"]
         if kind == "http.response.body" and not self._trailers:  # the common case first
             if not message.get("more_body", False):
-                self._complete()
+                self.response_complete = True
+                if self._timeout is not None:
+                    self.app_scope.deadline = math.inf
         elif kind == "http.response.start":
             self.response_started = True
             self._trailers = bool(message.get("trailers", False))
@@ -353,7 +336,7 @@ class _Exchange:
             or kind == "http.response.pathsend"
         ):
             self._complete()
-        await self._server_send(message)
+        return self._server_send(message)
 
     def _complete(self) -> None:
         self.response_complete = True
