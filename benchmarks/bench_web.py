@@ -15,7 +15,8 @@ same app without the middleware.
    client left is reported. Target: p50 <= 1 ms, p99 <= 10 ms.
 2. **Requests per second** of a trivial endpoint with and without the middleware, loaded
    by ``wrk`` in another process, the two taking turns on the same server. Target: at
-   most 5% fewer. Skipped, with a line saying how to install it, when ``wrk`` is absent.
+   most 5% fewer. Beside it, this process's CPU time per request (the server's alone).
+   Skipped, with a line saying how to install it, when ``wrk`` is absent.
 3. **Per-call cost** of the middleware without a server: the trivial app called directly
    with an in-memory ``receive``/``send`` that behave like uvicorn's, on asyncio and trio.
 
@@ -303,15 +304,25 @@ def bench_latency(samples: int, anchor_samples: int, rounds: int, job_seconds: f
 WRK_MISSING = "wrk not found: install it (Debian: apt-get install wrk) to measure requests/s"
 
 
-def _wrk(port: int, path: str, seconds: int, connections: int) -> float:
+def _wrk(port: int, path: str, seconds: int, connections: int) -> tuple[float, float]:
+    """Load `path` with wrk; returns requests/s and the server's CPU seconds per request.
+
+    The CPU time is this process's (the server's thread; the main thread only waits for
+    wrk): a busy machine slows both contenders' requests per second by whatever share of
+    the CPUs it takes, but changes the CPU a request costs much less.
+    """
+    cpu = time.process_time()
     result = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=seconds + 60, check=True,
     )
+    cpu = time.process_time() - cpu
     match = re.search(r"Requests/sec:\s*([\d.]+)", result.stdout)
-    if match is None or "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
+    served = re.search(r"(\d+) requests in", result.stdout)
+    if (match is None or served is None or "Non-2xx" in result.stdout
+            or "Socket errors" in result.stdout):
         raise RuntimeError(f"wrk failed against {path}:\n{result.stdout}{result.stderr}")
-    return float(match.group(1))
+    return float(match.group(1)), cpu / max(1, int(served.group(1)))
 
 
 def bench_rps(rounds: int, seconds: int, connections: int) -> dict[str, Any]:
@@ -322,17 +333,26 @@ def bench_rps(rounds: int, seconds: int, connections: int) -> dict[str, Any]:
                 path = PATHS[variant]
                 _wrk(port, f"/mw/{path}", 1, connections)  # warm up
                 rps: dict[str, list[float]] = {"mw": [], "plain": []}
+                cpu: dict[str, list[float]] = {"mw": [], "plain": []}
                 for r in range(rounds):
                     for contender in h.round_order(["mw", "plain"], r):
-                        rps[contender].append(
-                            _wrk(port, f"/{contender}/{path}", seconds, connections)
+                        got, cpu_per_request = _wrk(
+                            port, f"/{contender}/{path}", seconds, connections
                         )
+                        rps[contender].append(got)
+                        cpu[contender].append(cpu_per_request)
+                per_round = [m / p for m, p in zip(rps["mw"], rps["plain"], strict=True)]
                 out[f"{server}, {variant}"] = {
+                    "ratio_min": min(per_round),
+                    "ratio_max": max(per_round),
                     "rps_mw": h.median(rps["mw"]),
                     "rps_plain": h.median(rps["plain"]),
                     "ratio": h.paired_ratio(rps["mw"], rps["plain"]),
                     "rounds_mw": rps["mw"],
                     "rounds_plain": rps["plain"],
+                    "cpu_us_mw": h.median(cpu["mw"]) * 1e6,
+                    "cpu_us_plain": h.median(cpu["plain"]) * 1e6,
+                    "cpu_ratio": h.paired_ratio(cpu["mw"], cpu["plain"]),
                 }
     return out
 
@@ -423,7 +443,7 @@ def run(quick: bool) -> dict[str, Any]:
     else:
         latency = bench_latency(samples=300, anchor_samples=6, rounds=6, job_seconds=0.5)
         per_call = bench_per_call(rounds=8, calls=10_000)
-        rps_args = {"rounds": 6, "seconds": 3, "connections": 16}
+        rps_args = {"rounds": 12, "seconds": 2, "connections": 16}
     rps = bench_rps(**rps_args) if shutil.which("wrk") else None
     if rps is None:
         print(WRK_MISSING)
@@ -464,10 +484,17 @@ def _summarise(
             "title": "2. requests per second, trivial endpoint (wrk -t1 "
                      f"-c{rps_args['connections']}, {rps_args['rounds']} rounds of "
                      f"{rps_args['seconds']:g} s each)",
-            "columns": ["server, endpoint", "with middleware", "without", "ratio"],
-            "rows": [[s, f"{r['rps_mw']:,.0f}", f"{r['rps_plain']:,.0f}", f"{r['ratio']:.3f}x"]
+            "columns": ["server, endpoint", "with middleware", "without", "ratio",
+                        "rounds' ratios", "server CPU per request, with / without"],
+            "rows": [[s, f"{r['rps_mw']:,.0f}", f"{r['rps_plain']:,.0f}", f"{r['ratio']:.3f}x",
+                      f"{r['ratio_min']:.2f} to {r['ratio_max']:.2f}",
+                      f"{r['cpu_us_mw']:.0f} / {r['cpu_us_plain']:.0f} us "
+                      f"({r['cpu_ratio']:.3f}x)"]
                      for s, r in rps.items()],
-            "notes": ["ratio: median of per-round ratios, with / without"],
+            "notes": ["ratio: median of per-round ratios, with / without; then their spread "
+                      "(the machine's other load moves both contenders), and the server "
+                      "process's CPU time per request (median of rounds; ratio: median of "
+                      "per-round ratios)"],
         })
         for server, r in rps.items():
             ratios[f"requests/s, {server}: middleware / none"] = r["ratio"]
@@ -545,7 +572,7 @@ def plot(results: dict[str, Any], out_dir: Path = IMG_DIR) -> list[Path]:
 
     per_call = results["per_call"]
     rps = results.get("rps")
-    panels = 2 if rps else 1
+    panels = (3 if all("cpu_us_mw" in r for r in rps.values()) else 2) if rps else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 3.6), dpi=90, squeeze=False)
     groups = [(k.replace(", ", "\n"), r["plain_us"], r["mw_us"], f"+{r['overhead_us']:.0f} us")
               for k, r in per_call.items()]
@@ -556,6 +583,11 @@ def plot(results: dict[str, Any], out_dir: Path = IMG_DIR) -> list[Path]:
                    f"{(r['ratio'] - 1) * 100:+.0f}% req/s") for k, r in rps.items()]
         _bars(axes[0][1], groups, "microseconds per request (1 / requests/s)",
               "Under load (wrk)")
+        if all("cpu_us_mw" in r for r in rps.values()):
+            groups = [(k.replace(", ", "\n"), r["cpu_us_plain"], r["cpu_us_mw"],
+                       f"{(r['cpu_ratio'] - 1) * 100:+.0f}% CPU") for k, r in rps.items()]
+            _bars(axes[0][2], groups, "server CPU microseconds per request",
+                  "Under load (wrk): CPU")
     fig.suptitle(f"What the middleware costs a trivial endpoint\n{where}", fontsize=9)
     fig.tight_layout()
     path = out_dir / "web-overhead.png"

@@ -28,7 +28,10 @@ PROMPTLY = 2.0
 
 
 def listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on a socket whose proto says
+    # TCP, and an accepted socket inherits the listener's (0 unless given), so without it a
+    # keep-alive response under uvicorn could wait 40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)

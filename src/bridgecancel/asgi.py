@@ -20,12 +20,14 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import math
 import sys
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 import anyio
@@ -44,6 +46,8 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 _DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
+
+_WATCHER_NAME: Final = "bridgecancel.asgi watcher"
 
 _TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped.\n"
 
@@ -114,63 +118,51 @@ class CancelOnDisconnectMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(receive, send, self.max_buffered)
-        if self.timeout is not None:
-            exchange.app_scope.deadline = anyio.current_time() + self.timeout
-        # The watcher task is started with the backend's own primitives: an anyio task
-        # group would cost more than the rest of the middleware together (a tenth of a
-        # millisecond per request on asyncio).
-        if _on_trio():
-            await self._call_on_trio(exchange, scope)
-        else:
-            await self._call_on_asyncio(exchange, scope)
-        if exchange.timed_out():
-            await exchange.answer_timeout()
-
-    async def _call_on_asyncio(self, exchange: _Exchange, scope: _Scope) -> None:
-        loop = asyncio.get_running_loop()
-        watcher: asyncio.Task[None] | None = None
-
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = loop.create_task(exchange.watch())
-
-        # The watcher starts at the loop's next turn: until the app first waits, no
-        # disconnect could be seen anyway, and an app that answers without ever waiting
-        # (uvicorn's send does not wait while the client keeps up) costs no task.
-        starting = loop.call_soon(start_watching)
+        exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
         try:
             with exchange.app_scope:
-                await self.app(scope, exchange.receive, exchange.send)
+                await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
         finally:
-            starting.cancel()
-            if watcher is not None:
-                watcher.cancel()
-                # Reaped before returning, so no part of the request outlives it;
-                # asyncio.wait never raises the watcher's cancellation in this task.
-                await asyncio.wait((watcher,))
-        if watcher is not None and not watcher.cancelled() and watcher.exception():
-            raise watcher.exception()  # type: ignore[misc]  # a bug in watch(), surfaced
+            if exchange.watching:
+                await exchange.stop_watching()
+        if exchange.watch_error is not None:
+            raise exchange.watch_error  # a bug in watch(), surfaced
+        if self.timeout is not None and exchange.timed_out():
+            await exchange.answer_timeout()
 
-    async def _call_on_trio(self, exchange: _Exchange, scope: _Scope) -> None:
-        trio = sys.modules["trio"]
-        # The app's exception is held until the nursery has exited, so the server sees
-        # it as itself rather than wrapped in an exception group.
-        failure: BaseException | None = None
+
+@types.coroutine
+def _run_watched(app_call: Awaitable[None], exchange: _Exchange) -> Generator[Any, Any, None]:
+    """``await app_call``, starting `exchange`'s watcher the first time the app waits.
+
+    Until the app first waits, no disconnect could be acted on anyway, and an app that
+    answers without ever waiting (uvicorn's ``send`` does not wait while the client
+    keeps up) costs no task at all. So this passes what the app yields to the event
+    loop, and what the loop sends or throws back, exactly as ``await`` would, and starts
+    the watcher at the first yield.
+    """
+    steps = app_call.__await__()
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(exchange.watch)
-                try:
-                    with exchange.app_scope:
-                        await self.app(scope, exchange.receive, exchange.send)
-                except BaseException as exc:
-                    failure = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
-        finally:
-            del failure
+            if thrown is None:
+                yielded = steps.send(sent)
+            else:
+                yielded, thrown = steps.throw(thrown), None
+        except StopIteration:
+            return
+        if not exchange.watching:
+            exchange.start_watching()
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
+            raise
+        except BaseException as exc:  # handed to the app, as await would
+            sent, thrown = None, exc
 
 
 def _on_trio() -> bool:
@@ -182,21 +174,98 @@ def _on_trio() -> bool:
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
-    def __init__(self, receive: _Receive, send: _Send, max_buffered: int) -> None:
+    # What most requests never change, as class-level defaults: an instance sets its own
+    # only when it changes (fewer stores per request than setting them all in __init__).
+    _held_bytes = 0
+    _disconnect: _Message | None = None
+    _receive_error: Exception | None = None  # what the server's receive raised
+    # Made only when someone waits, and dropped once set: most requests never wait.
+    _app_waiting: anyio.Event | None = None  # for a message to arrive
+    _watcher_waiting: anyio.Event | None = None  # for the app to take one
+    _trailers = False
+    # The watcher, once started: an asyncio task, or a trio system task with its own
+    # cancel scope and an event set when it has ended.
+    _watcher: asyncio.Task[None] | None = None
+    _watcher_scope: Any = None
+    _watcher_done: Any = None
+    watching = False
+    watch_error: BaseException | None = None
+    response_started = False
+    response_complete = False
+
+    def __init__(
+        self, receive: _Receive, send: _Send, max_buffered: int, timeout: float | None
+    ) -> None:
         self._server_receive = receive
         self._server_send = send
         self._max_buffered = max_buffered
         self._held: deque[_Message] = deque()
-        self._held_bytes = 0
-        self._disconnect: _Message | None = None
-        self._receive_error: Exception | None = None  # what the server's receive raised
-        # Made only when someone waits, and dropped once set: most requests never wait.
-        self._app_waiting: anyio.Event | None = None  # for a message to arrive
-        self._watcher_waiting: anyio.Event | None = None  # for the app to take one
-        self._trailers = False
-        self.app_scope = anyio.CancelScope()
-        self.response_started = False
-        self.response_complete = False
+        self._on_trio = _on_trio()
+        self._timeout = timeout
+        # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
+        self.app_scope: Any = (
+            sys.modules["trio"].CancelScope() if self._on_trio else anyio.CancelScope()
+        )
+        if timeout is not None:
+            self.app_scope.deadline = anyio.current_time() + timeout
+
+    def start_watching(self) -> None:
+        # The backend's own primitives rather than an anyio task group, which would cost
+        # more than the rest of the middleware together. On trio, a system task: a nursery
+        # cannot be opened in the middle of the app's call (its cancel scope would nest
+        # inside the app's own), and one opened around every call costs a nursery per
+        # request; the watcher is reaped before the request returns all the same
+        # (stop_watching), and hands what it raises to the request (watch_error).
+        self.watching = True
+        if self._on_trio:
+            trio = sys.modules["trio"]
+            self._watcher_scope = trio.CancelScope()
+            self._watcher_done = trio.Event()
+            trio.lowlevel.spawn_system_task(
+                self._watch_in_system_task,
+                name=_WATCHER_NAME,
+                context=contextvars.copy_context(),  # the request's, as a task would have
+            )
+        else:
+            loop = asyncio.get_running_loop()
+            self._watcher = loop.create_task(self._watch_in_task(), name=_WATCHER_NAME)
+
+    async def stop_watching(self) -> None:
+        """Cancel the watcher and wait until it has ended: no part of a request outlives it.
+
+        A watcher that has read the disconnect has ended already (hypercorn reports one
+        as every response completes): then there is nothing to wait for.
+        """
+        if self._on_trio:
+            if not self._watcher_done.is_set():
+                self._watcher_scope.cancel()
+                with sys.modules["trio"].CancelScope(shield=True):
+                    await self._watcher_done.wait()
+        else:
+            assert self._watcher is not None
+            if self._watcher.done():
+                return
+            self._watcher.cancel()
+            # asyncio.wait never raises the watcher's cancellation in this task.
+            await asyncio.wait((self._watcher,))
+
+    async def _watch_in_task(self) -> None:
+        try:
+            await self.watch()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.watch_error = exc
+
+    async def _watch_in_system_task(self) -> None:
+        # A system task must not raise: what escapes is handed to the request's task.
+        try:
+            with self._watcher_scope:
+                await self.watch()
+        except BaseException as exc:
+            self.watch_error = exc
+        finally:
+            self._watcher_done.set()
 
     async def watch(self) -> None:
         """Read the server's messages ahead of the app until the client disconnects."""
@@ -243,26 +312,36 @@ class _Exchange:
             self._app_waiting = self._app_waiting or anyio.Event()
             await self._app_waiting.wait()
 
-    async def send(self, message: _Message) -> None:
+    def send(self, message: _Message) -> Awaitable[None]:
         """The app's send: marks the response complete before its last message goes out.
 
         Servers report ``http.disconnect`` while that last message is being sent (and
-        after); marking it first makes that disconnect cancel nothing.
+        after); marking it first makes that disconnect cancel nothing. A plain function
+        that returns the server's own awaitable: no coroutine of its own per message.
         """
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body" and not self._trailers:  # the common case first
+            if not message.get("more_body", False):
+                self.response_complete = True
+                if self._timeout is not None:
+                    self.app_scope.deadline = math.inf
+        elif kind == "http.response.start":
             self.response_started = True
             self._trailers = bool(message.get("trailers", False))
         elif (
-            (kind in ("http.response.body", "http.response.zerocopysend") and not self._trailers)
+            (kind == "http.response.zerocopysend" and not self._trailers)
             and not message.get("more_body", False)
         ) or (
             (kind == "http.response.trailers" and not message.get("more_trailers", False))
             or kind == "http.response.pathsend"
         ):
-            self.response_complete = True
+            self._complete()
+        return self._server_send(message)
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        if self._timeout is not None:
             self.app_scope.deadline = math.inf  # a complete response is never cut short
-        await self._server_send(message)
 
     def timed_out(self) -> bool:
         """True if the deadline stopped the app before its response was complete."""
