@@ -20,3 +20,23 @@ def no_leaks(no_leaked_workers: None) -> None:
     bridgecancel.testing's check: threads, running jobs (statistics()) and child
     processes, after up to 5 s for them to settle; idle pooled workers are allowed.
     """
+
+
+# -- web tests: each once per server, on the backend it runs (a module that uses them
+# overrides `anyio_backend` with ``server_and_backend[1]``) --------------------------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
+        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
+        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
+    ]
+)
+def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def server(server_and_backend: tuple[str, str]) -> str:
+    return server_and_backend[0]

@@ -24,25 +24,10 @@ pytestmark = pytest.mark.anyio
 QUICK_REQUESTS = 20
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
-        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
-        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
-    ]
-)
-def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def anyio_backend(server_and_backend: tuple[str, str]) -> str:
+    """Each test once per server (conftest's `server_and_backend`), on that server's loop."""
     return server_and_backend[1]
-
-
-@pytest.fixture
-def server(server_and_backend: tuple[str, str]) -> str:
-    return server_and_backend[0]
 
 
 def live_watchers() -> list[str]:

@@ -246,27 +246,12 @@ async def client_leaves_after(port: int, path: str) -> AsyncIterator[None]:
         yield
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("uvicorn", "asyncio"), id="uvicorn-asyncio"),
-        pytest.param(("hypercorn", "asyncio"), id="hypercorn-asyncio"),
-        pytest.param(("hypercorn", "trio"), id="hypercorn-trio"),
-    ]
-)
-def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
 class TestUnderRealServers:
     """Each test once per server: uvicorn, hypercorn on asyncio, hypercorn's trio worker."""
 
     @pytest.fixture
     def anyio_backend(self, server_and_backend: tuple[str, str]) -> str:
         return server_and_backend[1]
-
-    @pytest.fixture
-    def server(self, server_and_backend: tuple[str, str]) -> str:
-        return server_and_backend[0]
 
     async def test_pg_client_leaves_and_the_query_leaves_pg_stat_activity(
         self, server: str, anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any]
