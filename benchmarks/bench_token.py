@@ -29,7 +29,8 @@ from typing import Any
 if __name__ == "__main__":  # run as a script: make the sibling _harness importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
-from bridgecancel import CancelSource, _token_daemons
+from bridgecancel import CancelSource
+from bridgecancel import _timer as _token_daemons
 
 AREA = "token"
 CANCEL_CALLED = "token.cancel_called"

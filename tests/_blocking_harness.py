@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bridgecancel import Cancelled, CancelToken, blocking
-from bridgecancel._token_current import _current
+from bridgecancel._tokens import _current
 
 PY = sys.executable
 LONG = 30.0  # seconds a wait would last if nothing woke it: never reached in a passing test

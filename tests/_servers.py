@@ -19,7 +19,7 @@ import anyio.abc
 import anyio.from_thread
 
 import bridgecancel
-from bridgecancel.asgi import _on_trio
+from bridgecancel._backend import on_trio as _on_trio
 
 # How long a worker would block if nobody cancelled it; a test that waits this long failed.
 FOREVER = 30.0

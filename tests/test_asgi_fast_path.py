@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from _servers import Probe, connect, fetch, http_request, leave_while_blocked, read_all, serve
-from bridgecancel.asgi import _WATCHER_NAME, CancelOnDisconnectMiddleware, _on_trio
+from bridgecancel._backend import on_trio as _on_trio
+from bridgecancel.asgi import _WATCHER_NAME, CancelOnDisconnectMiddleware
 from test_asgi import Scope, assert_no_worker_running, respond, still_serving, with_ping
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bridgecancel import Cancelled, CancelSource, current_token
-from bridgecancel._blocking_common import POLL_SLICE, begin, check_seconds, wait_sliced
+from bridgecancel.blocking._common import POLL_SLICE, begin, check_seconds, wait_sliced
 
 
 def test_begin_takes_the_current_token_and_marks_one_that_never_fires() -> None:

@@ -20,9 +20,9 @@ from _blocking_harness import (
     wait_blocked,
     wait_until,
 )
-from bridgecancel import Cancelled, CancelSource, _child_stop, blocking
-from bridgecancel._pidfd import open_pidfd
-from bridgecancel._procfs import all_processes
+from bridgecancel import Cancelled, CancelSource, blocking
+from bridgecancel._util import all_processes, open_pidfd
+from bridgecancel.blocking import _subprocess as _child_stop
 
 # -- processes --------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ from _blocking_harness import (
     Worker,
     wait_blocked,
 )
-from bridgecancel import CancelSource, CancelToken, _blocking_sync, _cpython, blocking
+from bridgecancel import CancelSource, CancelToken, blocking
+from bridgecancel.blocking import _condition as _cpython
+from bridgecancel.blocking import _sync as _blocking_sync
 
 # -- the probe --------------------------------------------------------------------------
 

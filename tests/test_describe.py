@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from bridgecancel import _worker_results
-from bridgecancel._describe import describe
+from bridgecancel._process import _child as _worker_results
+from bridgecancel._util import describe
 
 
 def _job() -> None:

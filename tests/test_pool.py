@@ -13,10 +13,9 @@ import anyio
 import pytest
 
 import _pool_helpers as h
-from bridgecancel import _processes
-from bridgecancel._proc_handle import WorkerProcess
-from bridgecancel._proc_pool import Pool, pool
-from bridgecancel._processes import idle_worker_pids, run_process
+from bridgecancel._process import _run as _processes
+from bridgecancel._process._pool import Pool, WorkerProcess, pool
+from bridgecancel._process._run import idle_worker_pids, run_process
 
 pytestmark = pytest.mark.anyio
 

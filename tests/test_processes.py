@@ -25,8 +25,8 @@ import trio
 import _proc_helpers as h
 import bridgecancel
 from bridgecancel import BrokenWorkerError
-from bridgecancel._proc_pool import pool
-from bridgecancel._processes import (
+from bridgecancel._process._pool import pool
+from bridgecancel._process._run import (
     DEFAULT_INTERRUPT_AFTER,
     DEFAULT_KILL_AFTER,
     RemoteTraceback,
@@ -554,7 +554,7 @@ PARENT_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
     import _proc_helpers as h
-    from bridgecancel._processes import run_process
+    from bridgecancel._process._run import run_process
 
     async def main():
         await run_process(h.{func}, sys.argv[1])
@@ -594,7 +594,7 @@ def test_busy_worker_exits_when_parent_is_killed(tmp_path: Path, anyio_backend: 
 EXIT_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from bridgecancel._processes import run_process, idle_worker_pids
+    from bridgecancel._process._run import run_process, idle_worker_pids
 
     async def main():
         print(await run_process(eval, "sorted(__import__('sys').modules)"))
@@ -621,7 +621,7 @@ def test_worker_imports_no_anyio_and_exits_with_interpreter(anyio_backend: str) 
 MAIN_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from bridgecancel._processes import run_process
+    from bridgecancel._process._run import run_process
 
     def triple(x):
         return 3 * x

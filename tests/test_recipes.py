@@ -58,7 +58,7 @@ def test_sqlite_interrupt_is_what_stops_a_running_query() -> None:
     # Without the bridge: the same on_cancel(conn.interrupt) registration, fired from
     # another thread while the query runs in this one.
     source = bridgecancel.CancelSource()
-    bridgecancel._token_current._current.set(source.token)
+    bridgecancel._tokens._current.set(source.token)
     try:
         timer = threading.Timer(0.2, source.cancel)
         timer.start()
@@ -68,7 +68,7 @@ def test_sqlite_interrupt_is_what_stops_a_running_query() -> None:
         assert time.monotonic() - started < PROMPT
         timer.join()
     finally:
-        bridgecancel._token_current._current.set(bridgecancel._token_current._NEVER)
+        bridgecancel._tokens._current.set(bridgecancel._tokens._NEVER)
 
 
 # -- socket download ------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bridgecancel._seconds import check_seconds
+from bridgecancel._util import check_seconds
 
 
 def test_infinity_is_accepted_as_itself_everywhere() -> None:

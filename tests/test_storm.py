@@ -31,7 +31,7 @@ import pytest
 
 import _storm_jobs as jobs
 import bridgecancel
-from bridgecancel._processes import run_process
+from bridgecancel._process._run import run_process
 
 pytestmark = pytest.mark.anyio
 

@@ -28,13 +28,13 @@ from bridgecancel import (
     CancelSource,
     CancelToken,
     Registration,
-    _token,
-    _token_current,
-    _token_daemons,
     any_of,
     check_cancelled,
     current_token,
 )
+from bridgecancel import _timer as _token_daemons
+from bridgecancel import _tokens as _token
+from bridgecancel import _tokens as _token_current
 
 TIMER_NAME = "bridgecancel deadline timer"
 # Generous: the machine is shared; these bound "promptly", they do not measure speed.

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bridgecancel import CancelSource, _token_daemons
+from bridgecancel import CancelSource
+from bridgecancel import _timer as _token_daemons
 
 EXIT_PATIENCE = 20.0  # seconds a short script may take to exit (never reached when fixed)
 
@@ -27,7 +28,7 @@ from bridgecancel import CancelSource, any_of
 
 def token_locks():
     found = {}
-    for name in ("bridgecancel._token", "bridgecancel._token_daemons"):
+    for name in ("bridgecancel._tokens", "bridgecancel._timer"):
         module = sys.modules.get(name)
         for obj in list(vars(module).values()) if module else ():
             if isinstance(obj, (type, types.ModuleType)):

@@ -20,8 +20,8 @@ import pytest
 import _proc_helpers as proc_helpers
 import _worker_exit_helpers as h
 from bridgecancel import BrokenWorkerError
-from bridgecancel._processes import run_process
-from bridgecancel._worker import FAILED_EXIT
+from bridgecancel._process._child import FAILED_EXIT
+from bridgecancel._process._run import run_process
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +78,7 @@ def test_a_failing_worker_reports_on_stderr_and_exits_at_once() -> None:
     code = (
         "import atexit, time\n"
         "atexit.register(time.sleep, 3600)\n"  # skipped: no interpreter shutdown
-        "from bridgecancel._worker import _fail\n"
+        "from bridgecancel._process._child import _fail\n"
         "try:\n"
         "    raise KeyboardInterrupt\n"
         "except BaseException as exc:\n"
@@ -115,7 +115,7 @@ PARENT = textwrap.dedent(
     """
     import os, sys, anyio
     import _worker_exit_helpers as h
-    from bridgecancel._processes import run_process
+    from bridgecancel._process._run import run_process
 
     async def main():
         prefix, names = sys.argv[1], sys.argv[2:]

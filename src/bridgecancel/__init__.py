@@ -8,24 +8,24 @@ they are used (PEP 562).
 import typing as _typing
 
 from ._exceptions import BrokenWorkerError as BrokenWorkerError
-from ._exceptions import Cancelled as Cancelled
 from ._exceptions import RemoteTraceback as RemoteTraceback
-from ._registration import Registration as Registration
-from ._token import CancelSource as CancelSource
-from ._token import CancelToken as CancelToken
-from ._token import any_of as any_of
-from ._token_current import check_cancelled as check_cancelled
-from ._token_current import current_token as current_token
+from ._tokens import Cancelled as Cancelled
+from ._tokens import CancelSource as CancelSource
+from ._tokens import CancelToken as CancelToken
+from ._tokens import Registration as Registration
+from ._tokens import any_of as any_of
+from ._tokens import check_cancelled as check_cancelled
+from ._tokens import current_token as current_token
 
 if _typing.TYPE_CHECKING:
-    from ._bridge import cancel_on as cancel_on
-    from ._bridge import open_token as open_token
-    from ._processes import current_default_process_limiter as current_default_process_limiter
-    from ._processes import idle_worker_pids as idle_worker_pids
-    from ._processes import run_process as run_process
-    from ._stats import Statistics as Statistics
-    from ._stats import WorkerStatistics as WorkerStatistics
-    from ._stats import statistics as statistics
+    from ._process._run import current_default_process_limiter as current_default_process_limiter
+    from ._process._run import idle_worker_pids as idle_worker_pids
+    from ._process._run import run_process as run_process
+    from ._scopes import cancel_on as cancel_on
+    from ._scopes import open_token as open_token
+    from ._supervise import Statistics as Statistics
+    from ._supervise import WorkerStatistics as WorkerStatistics
+    from ._supervise import statistics as statistics
     from ._threads import run_sync as run_sync
 
 __version__ = "0.1.0"
@@ -53,14 +53,14 @@ __all__ = (
 
 # Public name -> the private module that defines it, imported on first use.
 _LAZY: dict[str, str] = {
-    "cancel_on": "._bridge",
-    "open_token": "._bridge",
-    "current_default_process_limiter": "._processes",
-    "idle_worker_pids": "._processes",
-    "run_process": "._processes",
-    "Statistics": "._stats",
-    "WorkerStatistics": "._stats",
-    "statistics": "._stats",
+    "cancel_on": "._scopes",
+    "open_token": "._scopes",
+    "current_default_process_limiter": "._process._run",
+    "idle_worker_pids": "._process._run",
+    "run_process": "._process._run",
+    "Statistics": "._supervise",
+    "WorkerStatistics": "._supervise",
+    "statistics": "._supervise",
     "run_sync": "._threads",
 }
 

@@ -23,15 +23,9 @@ import anyio.to_thread
 import distributed
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-from ._describe import describe
-from ._exceptions import BrokenWorkerError, Cancelled
-from ._supervise import CALLER_CANCELLED
-from ._token import CancelSource, informative_source
-from ._token_current import _current
-
-if TYPE_CHECKING:
-    from distributed.scheduler import Scheduler
-    from distributed.worker import Worker
+from ._exceptions import BrokenWorkerError
+from ._tokens import CALLER_CANCELLED, Cancelled, CancelSource, _current, informative_source
+from ._util import describe
 
 __all__ = (
     "NOT_STARTED",
@@ -40,6 +34,11 @@ __all__ = (
     "ensure_plugins",
     "run_task",
 )
+
+if TYPE_CHECKING:
+    from distributed.scheduler import Scheduler
+    from distributed.worker import Worker
+
 
 T = TypeVar("T")
 

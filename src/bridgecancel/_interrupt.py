@@ -28,15 +28,18 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar, final
 
-from ._exceptions import Cancelled, _NoPublicConstructor
-from ._token import CancelToken
+from bridgecancel._tokens import INTERRUPTED_REASON
 
-__all__ = ("INTERRUPTED_REASON", "RETRY_INTERVAL", "JobGuard")
+from ._tokens import Cancelled, CancelToken, _NoPublicConstructor
+
+__all__ = (
+    "INTERRUPTED_REASON",
+    "JobGuard",
+    "RETRY_INTERVAL",
+)
 
 T = TypeVar("T")
 
-INTERRUPTED_REASON: Final = "interrupted"
-"""The `Cancelled.reason` of an injected cancellation."""
 
 RETRY_INTERVAL: Final = 0.01
 """Seconds between the caller's `JobGuard.interrupt` calls while the job keeps running."""

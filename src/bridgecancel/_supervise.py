@@ -21,31 +21,40 @@ asyncio and plain trio code.
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import inspect
+import logging
 import math
-import sys
+import threading
 import time
-from typing import Any, Final, Protocol
+import types
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
 
 import anyio
 
-from ._stats import Kind, Outcome, counters, log_cancelled
-from ._token_state import DEADLINE_REASON
+from bridgecancel._backend import cancel_requests, redeliver_asyncio_cancel
+from bridgecancel._tokens import CALLER_CANCELLED
+
+from ._tokens import DEADLINE_REASON
+from ._util import check_seconds, describe
 
 __all__ = (
     "CALLER_CANCELLED",
     "Job",
+    "Outcome",
+    "Statistics",
+    "WorkerStatistics",
     "abandon",
     "cancel_reason",
+    "check_call",
     "deliver",
     "deliver_cancelled",
     "escalate",
     "record",
     "redeliver_asyncio_cancel",
+    "statistics",
 )
-
-CALLER_CANCELLED: Final = "the caller was cancelled"
-
 
 class Job(Protocol):
     """A job in a worker, as the supervisor sees it."""
@@ -206,46 +215,175 @@ async def _wait_shielded(
     raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see the loop
 
 
-def cancel_requests(exc: BaseException) -> int:
-    """How many cancellations of the current asyncio task are pending (3.11+; else 0)."""
-    if sys.version_info >= (3, 11) and isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        if task is not None:
-            return task.cancelling()
-    return 0
+# -- from _stats --------------------------------------------------------------
+
+# How jobs ended: counts per outcome, and the ``bridgecancel`` logger.
+
+Outcome = Literal[
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+]
+Kind = Literal["threads", "processes", "cluster"]
+_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
+
+logger: Final = logging.getLogger("bridgecancel")
+
+_OUTCOMES: Final = (
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+)
 
 
-def redeliver_asyncio_cancel(exc: BaseException, requests: int) -> None:
-    """Ask again for a plain asyncio cancellation that was caught to hand over a result.
+@dataclass(frozen=True)
+class WorkerStatistics:
+    """Counts of finished jobs per outcome, and of jobs running now.
 
-    anyio's cancel scopes and trio redeliver by themselves (the effective deadline is
-    then -inf). A plain ``Task.cancel()`` fires once, so it is requested again at the
-    task's next suspension, unless its requester has withdrawn it by then: an
-    ``asyncio.timeout()`` block or task group that exited without another checkpoint
-    calls ``Task.uncancel()`` (Python 3.11+), and its cancellation must not escape it.
-    The same rule on every Python: a pending ``Task.cancel()`` flag set here would
-    outlive the block on 3.11 and 3.12, and a task ending with it set loses its result.
-
-    `requests` is ``Task.cancelling()`` when the cancellation was caught: one requester
-    withdrawing leaves fewer, and a second request (a bare ``Task.cancel()`` absorbed
-    while the job ended) keeps it pending.
+    Attributes:
+        completed: jobs that ended without being cancelled.
+        cooperative: cancelled jobs whose worker stopped by itself (it raised
+            `Cancelled` or returned after the token fired).
+        interrupted: jobs stopped by raising `Cancelled` inside the worker.
+        killed: process jobs whose worker was killed.
+        abandoned: cancelled jobs left running (``abandon_on_cancel=True``), counted
+            when the caller leaves them.
+        crashed: process jobs whose worker died by itself (`BrokenWorkerError`).
+        never_started: jobs cancelled before their function began, which then never ran
+            (they cost their worker nothing).
+        running: jobs whose function is running in a worker right now.
     """
-    if not isinstance(exc, asyncio.CancelledError):
-        return
-    if anyio.current_effective_deadline() == -math.inf:
-        return
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - the bridge always runs in a task
-        return
-    message = exc.args[0] if exc.args else None
-    asyncio.get_running_loop().call_soon(_cancel_again, task, requests, message)
+
+    completed: int
+    cooperative: int
+    interrupted: int
+    killed: int
+    abandoned: int
+    crashed: int
+    never_started: int
+    running: int
 
 
-def _cancel_again(task: asyncio.Task[Any], requests: int, message: object) -> None:
-    if task.done():
-        return
-    if sys.version_info >= (3, 11):
-        if task.cancelling() < requests:
-            return  # withdrawn: the timeout or task group that asked has exited
-        task.uncancel()  # keep the count as it was, so asyncio.timeout() still works
-    task.cancel(message)
+@dataclass(frozen=True)
+class Statistics:
+    """A snapshot of how bridgecancel's thread and process jobs ended."""
+
+    threads: WorkerStatistics
+    processes: WorkerStatistics
+    # Calls made with bridgecancel.dask: ``running`` counts calls not yet ended.
+    cluster: WorkerStatistics
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[Kind, dict[str, int]] = {
+            kind: dict.fromkeys((*_OUTCOMES, "running"), 0)
+            for kind in ("threads", "processes", "cluster")
+        }
+
+    def started(self, kind: Kind) -> None:
+        with self._lock:
+            self._counts[kind]["running"] += 1
+
+    def finished(self, kind: Kind, outcome: Outcome, *, was_running: bool = True) -> None:
+        """Count an ended job; `was_running` if `started` counted it as running."""
+        with self._lock:
+            counts = self._counts[kind]
+            if was_running:
+                counts["running"] -= 1
+            counts[outcome] += 1
+
+    def snapshot(self) -> Statistics:
+        with self._lock:
+            return Statistics(
+                threads=WorkerStatistics(**self._counts["threads"]),
+                processes=WorkerStatistics(**self._counts["processes"]),
+                cluster=WorkerStatistics(**self._counts["cluster"]),
+            )
+
+
+counters: Final = _Counters()
+
+
+def statistics() -> Statistics:
+    """Return a frozen record of how thread and process jobs have ended so far."""
+    return counters.snapshot()
+
+
+def log_cancelled(kind: Kind, outcome: Outcome, func: object, reason: str | None) -> None:
+    """Log a cancelled job: DEBUG when it stopped by itself, WARNING when forced."""
+    level = logging.DEBUG if outcome in ("cooperative", "never_started") else logging.WARNING
+    if logger.isEnabledFor(level):
+        name = getattr(func, "__qualname__", None) or repr(func)
+        logger.log(
+            level, "%s job %s ended %s after cancel (reason: %s)",
+            _SINGULAR[kind], name, outcome, reason,
+        )
+
+
+# -- from _checks -------------------------------------------------------------
+
+# Checks of the arguments `run_sync` and `run_process` share, with errors that say what to do.
+#
+# A bad call fails here, before any worker or limiter token is touched, so it never breaks
+# a pool or another job.
+
+def check_call(
+    api: str,
+    func: object,
+    limiter: object,
+    *,
+    interrupt_after: float | None,
+    kill_after: float | None = None,
+) -> tuple[float | None, float | None]:
+    """Check a call of `api` (``"run_sync"`` or ``"run_process"``).
+
+    Returns `interrupt_after` and `kill_after` as floats, or None for a stage that never
+    comes (None or infinity).
+    """
+    _check_func(api, func)
+    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
+        raise TypeError(
+            f"{api}() takes limiter=anyio.CapacityLimiter(n) (or None for the default "
+            f"limiter), got {limiter!r}; to allow n jobs at once, pass "
+            "anyio.CapacityLimiter(n)"
+        )
+    if interrupt_after is not None:
+        interrupt_after = _stage(api, "interrupt_after", interrupt_after)
+    if kill_after is not None:
+        kill_after = _stage(api, "kill_after", kill_after)
+    return interrupt_after, kill_after
+
+
+# Code flags of `async def` functions and async generators.
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _check_func(api: str, func: object) -> None:
+    if (
+        type(func) is types.FunctionType
+        and not func.__code__.co_flags & _ASYNC_FLAGS
+        and "_is_coroutine_marker" not in func.__dict__  # inspect.markcoroutinefunction
+    ):
+        return  # a plain def: the common case, checked without inspect
+    if not callable(func):
+        raise TypeError(f"{api}() needs a callable (a sync function) to run, got {func!r}")
+    if isinstance(func, (type, types.BuiltinFunctionType, types.MethodWrapperType)):
+        return  # classes and builtins are sync (and this check is on every call)
+    target: Any = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    for candidate in (func, target):
+        if inspect.iscoroutinefunction(candidate):
+            raise TypeError(
+                f"{describe(func)} is a coroutine function (async def): await it directly "
+                f"instead of passing it to {api}()"
+            )
+        if inspect.isasyncgenfunction(candidate):
+            raise TypeError(
+                f"{describe(func)} is an async generator function: iterate it with "
+                f"'async for' instead of passing it to {api}()"
+            )
+
+
+def _stage(api: str, name: str, value: float) -> float | None:
+    """An escalation stage's seconds; None (never) for infinity."""
+    seconds = check_seconds(value, api, name, none="to skip that stage")
+    return None if seconds == math.inf else seconds

@@ -44,6 +44,10 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import checkpoint_if_cancelled
 
+__all__ = (
+    "run_on_cluster",
+)
+
 # Before the cluster's side, which imports Dask: say what to install if it is missing.
 try:
     import distributed
@@ -53,22 +57,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'bridgecancel[dask]'"
     ) from exc
 
-from ._bridge import caller_deadline, threadsafe_caller
-from ._compat import PosArgsT, Unpack
-from ._dask_cluster import (
-    NOT_STARTED,
-    Stopped,
-    asyncio_loop,
-    ensure_plugins,
-    run_task,
-)
-from ._describe import describe
+from ._backend import caller_deadline, cancel_requests, redeliver_asyncio_cancel, threadsafe_caller
+from ._dask_cluster import NOT_STARTED, Stopped, asyncio_loop, ensure_plugins, run_task
 from ._exceptions import BrokenWorkerError
-from ._stats import Outcome, counters, log_cancelled
-from ._supervise import CALLER_CANCELLED, cancel_requests, redeliver_asyncio_cancel
-from ._token_state import DEADLINE_REASON
-
-__all__ = ("run_on_cluster",)
+from ._supervise import Outcome, counters, log_cancelled
+from ._tokens import CALLER_CANCELLED, DEADLINE_REASON
+from ._util import PosArgsT, Unpack, describe
 
 T = TypeVar("T")
 
@@ -365,5 +359,3 @@ def _key_prefix(func: object) -> str:
     messages use `describe`."""
     name = getattr(func, "__name__", None) or type(func).__name__
     return str(name).replace("<", "").replace(">", "")
-
-

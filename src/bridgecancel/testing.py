@@ -24,13 +24,16 @@ from dataclasses import fields
 from types import TracebackType
 from typing import Any, Final
 
-from ._exceptions import Cancelled
-from ._procfs import all_processes
-from ._seconds import check_seconds
-from ._stats import statistics
-from ._token import CancelSource
+from ._supervise import statistics
+from ._tokens import Cancelled, CancelSource
+from ._util import all_processes, check_seconds
 
-__all__ = ("IDLE_THREAD_PREFIXES", "LeakError", "assert_cancels_within", "check_no_leaks")
+__all__ = (
+    "IDLE_THREAD_PREFIXES",
+    "LeakError",
+    "assert_cancels_within",
+    "check_no_leaks",
+)
 
 IDLE_THREAD_PREFIXES: Final = ("Trio thread", "AnyIO worker thread", "bridgecancel idle")
 """Names of threads that pools keep on purpose while idle (they retire on their own)."""
@@ -51,7 +54,7 @@ def _child_pids() -> set[int]:
 
 
 def _idle_worker_pids() -> set[int]:
-    from ._processes import idle_worker_pids  # only now: it loads the process machinery
+    from ._process._run import idle_worker_pids  # only now: it loads the process machinery
 
     return set(idle_worker_pids())
 
@@ -174,7 +177,7 @@ class assert_cancels_within:
         return ours
 
     async def __aenter__(self) -> CancelSource:
-        from ._bridge import cancel_on  # only now: it needs anyio
+        from ._scopes import cancel_on  # only now: it needs anyio
 
         self._scope = cancel_on(self._source.token)
         self._scope.__enter__()
@@ -205,7 +208,7 @@ def pytest_addoption(parser: Any) -> None:
 
 def pytest_configure(config: Any) -> None:
     """pytest hook: register the fixtures (non-autouse) when pytest loads this plugin."""
-    from . import _pytest_fixtures
+    from . import _pytest_plugin as _pytest_fixtures
 
     if not config.pluginmanager.is_registered(_pytest_fixtures):
         config.pluginmanager.register(_pytest_fixtures, "bridgecancel.testing fixtures")

@@ -15,8 +15,8 @@ import anyio
 import anyio.to_process
 import anyio.to_thread
 
-from .._processes import run_process
-from .._stats import WorkerStatistics, statistics
+from .._process._run import run_process
+from .._supervise import WorkerStatistics, statistics
 from .._threads import run_sync
 from ._work import ended_at, started
 

@@ -9,7 +9,7 @@ from typing import TextIO
 
 import anyio
 
-from .._stats import statistics
+from .._supervise import statistics
 from ._cases import CASES, ROW_KEYS, Case, describe
 
 __all__ = ("main",)

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import blocking
-from .._exceptions import Cancelled
-from .._token_current import current_token
+from .._tokens import Cancelled, current_token
 
 __all__ = (
     "cpu_loop",

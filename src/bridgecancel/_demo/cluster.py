@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from .._token_current import current_token
+from .._tokens import current_token
 
 if TYPE_CHECKING:
     import distributed

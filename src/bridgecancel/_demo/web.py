@@ -21,9 +21,9 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from .._stats import statistics
+from .._supervise import statistics
 from .._threads import run_sync
-from .._token_current import current_token
+from .._tokens import current_token
 from ..asgi import CancelOnDisconnectMiddleware, _on_trio
 
 __all__ = ("web_disconnect",)

@@ -15,9 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from . import _cpython
-from ._blocking_common import begin, cancelled, check_type, remaining, wait_sliced
-from ._token import CancelToken
+from .._tokens import CancelToken
+from . import _condition as _cpython
+from ._common import begin, cancelled, check_type, remaining, wait_sliced
 
 __all__ = (
     "acquire",

@@ -5,61 +5,30 @@ Only anyio's public API is used; trio's own public API where a trio-only route i
 
 from __future__ import annotations
 
-import asyncio
 import math
-import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 
-from ._supervise import CALLER_CANCELLED
-from ._token import CancelSource, CancelToken, informative_source
+from bridgecancel._backend import source_for_caller, threadsafe_caller
+
+from ._tokens import CALLER_CANCELLED, CancelSource, CancelToken
+
+__all__ = (
+    "cancel_on",
+    "open_token",
+)
 
 if TYPE_CHECKING:
-    import trio
-
-__all__ = ("cancel_on", "open_token")
-
-def on_trio() -> bool:
-    """True if the current thread runs a trio task (without importing trio to find out)."""
-    trio = sys.modules.get("trio")
-    return trio is not None and bool(trio.lowlevel.in_trio_task())
+    pass
 
 
-def caller_deadline(trio_task: bool = False) -> float:
-    """The calling task's effective deadline in `time.monotonic` terms.
-
-    `trio_task`: the caller runs in trio (asks trio directly, which is cheaper).
-    """
-    if trio_task:
-        trio = sys.modules["trio"]
-        deadline: float = trio.current_effective_deadline()
-        if deadline == math.inf or deadline == -math.inf:
-            return deadline
-        now: float = trio.current_time()
-        return time.monotonic() + (deadline - now)
-    deadline = anyio.current_effective_deadline()
-    if deadline == math.inf or deadline == -math.inf:
-        return deadline
-    return time.monotonic() + (deadline - anyio.current_time())
 
 
-def source_for_caller(trio_task: bool = False) -> CancelSource:
-    """A source for a job or block: it carries the caller's effective deadline for
-    information, and fires only when the caller's scope is cancelled (never by itself at
-    that deadline, which the caller may push back later)."""
-    deadline = caller_deadline(trio_task)
-    if deadline == math.inf:
-        return CancelSource()  # no deadline to report: the plain source is the same, cheaper
-    if deadline == -math.inf:
-        source = CancelSource()
-        source.cancel(CALLER_CANCELLED)  # no callbacks yet: nothing runs here
-        return source
-    return informative_source(deadline)
+
+
 
 
 @asynccontextmanager
@@ -133,25 +102,3 @@ def cancel_on(token: CancelToken) -> Iterator[anyio.CancelScope]:
     cancel_soon = threadsafe_caller()
     with anyio.CancelScope() as scope, token.on_cancel(cancel_soon, scope.cancel):
         yield scope
-
-
-def threadsafe_caller() -> Callable[[Callable[[], object]], None]:
-    """A function that runs a callback in this event loop's thread, from any thread."""
-    loop_thread = threading.get_ident()
-    post: Callable[[Callable[[], object]], object]
-    if on_trio():
-        trio_token: trio.lowlevel.TrioToken = sys.modules["trio"].lowlevel.current_trio_token()
-        post = trio_token.run_sync_soon
-    else:
-        post = asyncio.get_running_loop().call_soon_threadsafe
-
-    def call_in_loop(fn: Callable[[], object]) -> None:
-        if threading.get_ident() == loop_thread:
-            fn()
-            return
-        try:
-            post(fn)
-        except RuntimeError:  # the run has finished, the loop closed: nothing to cancel
-            pass
-
-    return call_in_loop

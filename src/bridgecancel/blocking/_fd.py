@@ -14,8 +14,8 @@ import socket
 import time
 from typing import Any, Final, Protocol
 
-from ._blocking_common import begin, cancelled, check_type, remaining, timed_out, wait_sliced
-from ._token import CancelToken
+from .._tokens import CancelToken
+from ._common import begin, cancelled, check_type, remaining, timed_out, wait_sliced
 
 __all__ = (
     "HAVE_POLL",

@@ -8,8 +8,9 @@ import pytest
 
 from .testing import check_no_leaks
 
-__all__ = ("no_leaked_workers",)
-
+__all__ = (
+    "no_leaked_workers",
+)
 
 @pytest.fixture
 def no_leaked_workers(request: pytest.FixtureRequest) -> Iterator[None]:

@@ -156,4 +156,3 @@ def result_message(kind: int, job_id: int, payload: bytes) -> bytes:
 
 def job_message(job_id: int, deadline: float, payload: bytes) -> bytes:
     return JOB_HEADER.pack(len(payload), job_id, deadline) + payload
-

@@ -30,22 +30,24 @@ expected, these waits fall back to `POLL_SLICE` slices of the public methods, wi
 same semantics.
 """
 
-from ._blocking_common import DEFAULT_GRACE as DEFAULT_GRACE
-from ._blocking_common import POLL_SLICE as POLL_SLICE
-from ._blocking_fd import accept as accept
-from ._blocking_fd import connect as connect
-from ._blocking_fd import recv as recv
-from ._blocking_fd import sendall as sendall
-from ._blocking_fd import wait_readable as wait_readable
-from ._blocking_fd import wait_writable as wait_writable
-from ._blocking_subprocess import run_subprocess as run_subprocess
-from ._blocking_subprocess import wait_process as wait_process
-from ._blocking_sync import acquire as acquire
-from ._blocking_sync import future_result as future_result
-from ._blocking_sync import queue_get as queue_get
-from ._blocking_sync import queue_put as queue_put
-from ._blocking_sync import wait_condition as wait_condition
-from ._blocking_sync import wait_event as wait_event
+from __future__ import annotations
+
+from ._common import DEFAULT_GRACE as DEFAULT_GRACE
+from ._common import POLL_SLICE as POLL_SLICE
+from ._fd import accept as accept
+from ._fd import connect as connect
+from ._fd import recv as recv
+from ._fd import sendall as sendall
+from ._fd import wait_readable as wait_readable
+from ._fd import wait_writable as wait_writable
+from ._subprocess import run_subprocess as run_subprocess
+from ._subprocess import wait_process as wait_process
+from ._sync import acquire as acquire
+from ._sync import future_result as future_result
+from ._sync import queue_get as queue_get
+from ._sync import queue_put as queue_put
+from ._sync import wait_condition as wait_condition
+from ._sync import wait_event as wait_event
 
 __all__ = (
     "DEFAULT_GRACE",

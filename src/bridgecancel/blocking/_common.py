@@ -12,15 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
-from ._exceptions import Cancelled
-from ._seconds import check_seconds
-from ._token import CancelToken
-from ._token_current import current_token
+from .._tokens import Cancelled, CancelToken, current_token
+from .._util import check_seconds
 
 __all__ = (
     "DEFAULT_GRACE",
-    "POLL_SLICE",
     "Opening",
+    "POLL_SLICE",
     "begin",
     "cancelled",
     "check_seconds",

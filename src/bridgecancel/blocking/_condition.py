@@ -18,8 +18,8 @@ import queue
 import threading
 from typing import Any
 
-from ._blocking_common import cancelled
-from ._token import CancelToken
+from .._tokens import CancelToken
+from ._common import cancelled
 
 __all__ = (
     "AVAILABLE",
@@ -34,7 +34,6 @@ __all__ = (
     "wait",
     "wakeable",
 )
-
 
 def _condition_works(cond: threading.Condition) -> bool:
     """The condition internals behave as `wait` needs (call with `cond` not held)."""

@@ -1,9 +1,10 @@
-"""Cancel tokens: `CancelSource`, `CancelToken`, `any_of`.
+"""Cancel tokens: `CancelSource`, `CancelToken`, `Registration`, `any_of`, `Cancelled`,
+and the current job's token (`current_token`, `check_cancelled`).
 
 Standard library only: the process-side worker imports this module, and it must start fast.
-A token's state lives on the token (`_token_state`, which also says how it fires); a
-source is the right to fire it. `Registration` is in `_registration`, `current_token` in
-`_token_current`.
+A token's state lives on the token, and it fires without a lock (so a signal handler may
+fire it); a source is the right to fire it. The deadline timer and the callback thread are
+in `_timer`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,335 @@ import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, final
+from contextvars import ContextVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
-from ._compat import PosArgsT, Unpack
-from ._exceptions import Cancelled
-from ._registration import FOLLOWER, INLINE, USER, LeftOnExit, Registration
-from ._seconds import check_deadline, check_seconds
-from ._token_daemons import report_unraisable
-from ._token_daemons import runner as _runner
-from ._token_state import Deferred, TokenState, close_fds, poke, set_slot
+from ._timer import Entry, report_unraisable
+from ._timer import runner as _runner
+from ._timer import timer as _timer
+from ._util import PosArgsT, Self, Unpack, check_deadline, check_seconds
+
+__all__ = (
+    "CancelSource",
+    "CancelToken",
+    "DEADLINE_REASON",
+    "Deferred",
+    "FOLLOWER",
+    "INLINE",
+    "LeftOnExit",
+    "Registration",
+    "TokenState",
+    "USER",
+    "any_of",
+    "check_cancelled",
+    "close_fds",
+    "current_token",
+    "informative_source",
+    "poke",
+    "set_slot",
+)
+
+
+
+class _NoPublicConstructor(type):
+    """Metaclass that stops users from building an instance by calling the class.
+
+    `Cancelled` means "this token fired"; letting users construct one would let code
+    claim a cancellation that never happened. Library code uses ``_create``.
+    """
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} has no public constructor: "
+            "call token.check() or token.sleep() to raise it"
+        )
+
+    def _create(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **kwargs)
+
+
+class Cancelled(BaseException, metaclass=_NoPublicConstructor):
+    """Raised by token code in a worker when its `CancelToken` has fired.
+
+    A `BaseException`, like `asyncio.CancelledError` and `trio.Cancelled`, so that
+    ``except Exception:`` in user code does not swallow it. Let it propagate: the
+    bridge turns it back into the caller's native cancellation.
+
+    Attributes:
+        token: the token that fired (``None`` once it has crossed a process boundary).
+        reason: the reason given to ``CancelSource.cancel()``, or ``"deadline exceeded"``.
+    """
+
+    token: CancelToken | None
+    reason: str | None
+
+    def __init__(self, token: CancelToken | None, reason: str | None) -> None:
+        super().__init__(reason if reason is not None else "cancelled")
+        self.token = token
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The token belongs to one process; a copy carries only the reason.
+        return (_rebuild_cancelled, (self.reason,))
+
+
+def _rebuild_cancelled(reason: str | None) -> Cancelled:
+    cancelled: Cancelled = Cancelled._create(None, reason)
+    return cancelled
+
+
+# -- from _xt_supervise -------------------------------------------------------
+
+CALLER_CANCELLED: Final = "the caller was cancelled"
+
+
+# -- from _xt_interrupt -------------------------------------------------------
+
+INTERRUPTED_REASON: Final = "interrupted"
+"""The `Cancelled.reason` of an injected cancellation."""
+
+
+# -- from _registration -------------------------------------------------------
+
+# `Registration`: a callback registered on a token, and the kinds a token files them under.
+#
+# Standard library only. A registration is a key in its token's callbacks dict: whoever
+# pops it from there (the firer, `unregister`, or `on_cancel` itself) runs or drops it,
+# exactly once.
+
+
+
+# What `on_cancel` registrations are, as values in a token's callbacks dict.
+USER: Final = 1  # a user's callback: with `_cancel_detached`, runs in the runner thread
+INLINE: Final = 2  # bridgecancel's own quick, non-blocking wake-up: runs in the canceller
+FOLLOWER: Final = 3  # a child or `any_of` source: fires in the same way as this token
+
+
+class LeftOnExit:
+    """A context manager whose exit calls `_leave` (unregister, close), and no more."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._leave()
+
+    def _leave(self) -> object:
+        raise NotImplementedError
+
+
+@final
+class Registration(LeftOnExit):
+    """A callback registered with `CancelToken.on_cancel`.
+
+    Use it as a context manager to unregister on exit, or call `unregister`.
+    """
+
+    __slots__ = ("_args", "_fn", "_token", "__weakref__")
+
+    def __init__(
+        self, token: CancelToken | None, fn: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
+        self._token = token  # None once it ran, is running, or was unregistered
+        self._fn = fn
+        self._args = args
+
+    def unregister(self) -> bool:
+        """Stop the callback from running.
+
+        Returns:
+            True only if this call stopped it; False if it already ran, is running
+            now, or was unregistered before.
+        """
+        token = self._token
+        if token is None:
+            return False
+        # Whoever pops a registration from the dict runs or drops it: exactly once.
+        if not token._callbacks.pop(self, 0):
+            return False
+        self._token = None
+        return True
+
+    _leave = unregister
+
+
+# -- from _token_state --------------------------------------------------------
+
+# A token's state, and how it fires: without a lock, so a signal handler may fire it.
+#
+# Standard library only. `_token.CancelToken` is a read-only `TokenState`; its source
+# fires it through the methods here, and the deadline timer through `_fire_for_deadline`.
+
+
+
+DEADLINE_REASON: Final = "deadline exceeded"
+
+# Writes to a token's private slots (users cannot assign to a token's attributes).
+set_slot = object.__setattr__
+Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
+
+
+class TokenState:
+    """A token's storage and how it fires. `_token._new_token` fills it with plain
+    stores (cheap: every job makes a token), then makes it a `CancelToken`, which refuses
+    assignment; it changes later only through `set_slot`."""
+
+    # State changes are single atomic operations (a slot store, a dict pop or
+    # setdefault, a lock release), never a lock a canceller waits on: the thread that
+    # fires a token may be a signal handler that interrupted this token's own code.
+    __slots__ = (
+        "_callbacks",
+        "_once",
+        "_deadline",
+        "_fds",
+        "_fires_at",
+        "_wait_locks",
+        "_never",
+        "_reason",
+        "_timer_entry",
+        "__weakref__",
+        "cancel_called",
+    )
+
+    # Registration -> USER, INLINE or FOLLOWER, insertion-ordered.
+    _callbacks: dict[Registration, int]
+    # What only the first of racing threads may set, by atomic dict.setdefault: the
+    # first firer's (reason,) under "reason", the pipe under "fds".
+    _once: dict[str, Any]
+    _deadline: float  # what the token reports
+    _fds: tuple[int, int] | None
+    _fires_at: float  # when it fires by itself
+    # The locks of threads blocked in wait(), each released once by the firer.
+    _wait_locks: deque[Any]
+    _never: bool
+    _reason: str | None
+    _timer_entry: Entry | None
+
+    if TYPE_CHECKING:  # a plain slot, set through set_slot; read-only on CancelToken
+
+        @property
+        def cancel_called(self) -> bool: ...
+
+    def _fire(self, reason: str | None, deferred: Deferred | None) -> list[BaseException]:
+        """Fire the token; return the errors its callbacks raised.
+
+        With `deferred`, user callbacks (this token's and its followers') are appended
+        to it rather than run. Takes no lock: safe in a signal handler that interrupted
+        any of this token's methods.
+        """
+        if self.cancel_called:
+            return []
+        mine = (reason,)
+        first = self._once.setdefault("reason", mine)
+        # Every caller stores the same first reason before the flag, so once any
+        # cancel() returns the token reads as cancelled, with its first reason.
+        set_slot(self, "_reason", first[0])
+        set_slot(self, "cancel_called", True)
+        if first is not mine:
+            return []
+        waiters = self._wait_locks
+        while waiters:
+            try:
+                waiters.popleft().release()
+            except IndexError:  # emptied meanwhile by a waiter leaving
+                break
+        fds = self._fds
+        if fds is not None:
+            poke(fds)
+        entry = self._timer_entry
+        if entry is not None:
+            _timer.discard(entry)
+        errors: list[BaseException] = []
+        callbacks = self._callbacks
+        # Registrations added from now on see the flag and run themselves.
+        for registration in reversed(list(callbacks)):
+            kind = callbacks.pop(registration, 0)
+            if not kind:
+                continue  # unregistered, or run by on_cancel, meanwhile
+            fn, args = registration._fn, registration._args
+            registration._token = None
+            if kind == FOLLOWER:
+                follower = args[0]()
+                if follower is not None:
+                    errors += follower._token._fire(first[0], deferred)
+            elif kind == USER and deferred is not None:
+                deferred.append((self, fn, args))
+            else:
+                try:
+                    fn(*args)
+                except BaseException as exc:  # every callback runs; errors go together
+                    errors.append(exc)
+        return errors
+
+    def _fire_for_deadline(self, entry: Entry) -> None:
+        """Called by the timer thread; callbacks run in it, errors to the hook."""
+        if self._timer_entry is entry:  # not closed or moved meanwhile
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
+
+    def _set_deadline(self, deadline: float) -> None:
+        deadline = check_deadline(deadline)
+        set_slot(self, "_deadline", deadline)
+        set_slot(self, "_fires_at", deadline)
+        pending = not self.cancel_called and deadline != math.inf
+        passed = pending and deadline <= time.monotonic()
+        # Published before the timer can see it: the timer fires an entry only while
+        # it is the token's current one (so racing setters leave inert entries).
+        entry = Entry(self, deadline) if pending and not passed else None
+        old = self._timer_entry
+        set_slot(self, "_timer_entry", entry)
+        if old is not None:
+            _timer.discard(old)
+        if entry is not None:
+            _timer.add(entry)
+        elif passed:
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
+
+    def _drop_callbacks(self) -> None:
+        entry = self._timer_entry
+        if entry is not None:
+            set_slot(self, "_timer_entry", None)
+            _timer.discard(entry)
+        callbacks = self._callbacks
+        if callbacks:
+            for registration in list(callbacks):
+                if callbacks.pop(registration, 0):
+                    registration._token = None
+
+
+def close_fds(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def poke(fds: tuple[int, int]) -> None:
+    try:
+        os.write(fds[1], b"\0")
+    except OSError:  # full (it is readable already) or closed (nobody selects on it)
+        pass
+
+
+# -- from _token --------------------------------------------------------------
+
+# Cancel tokens: `CancelSource`, `CancelToken`, `any_of`.
+#
+# Standard library only: the process-side worker imports this module, and it must start fast.
+# A token's state lives on the token (`_token_state`, which also says how it fires); a
+# source is the right to fire it. `Registration` is in `_registration`, `current_token` in
+# `_token_current`.
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ("CancelSource", "CancelToken", "any_of", "informative_source")
 
 
 def _new_token(deadline: float, never: bool = False) -> CancelToken:
@@ -376,3 +692,30 @@ def any_of(*tokens: CancelToken) -> CancelSource:
         if not token._never:
             source._follow(token)
     return source
+
+
+# -- from _token_current ------------------------------------------------------
+
+# The current job's token: `current_token` and `check_cancelled`.
+#
+# Standard library only. The thread and process workers set `_current` for a job; outside
+# one, the current token is `_NEVER`, a token that can never fire.
+
+_NEVER: Final = _new_token(math.inf, never=True)
+_current: ContextVar[CancelToken] = ContextVar("bridgecancel_current_token")
+
+
+def current_token() -> CancelToken:
+    """The running job's token inside a bridgecancel worker (thread or process).
+
+    Anywhere else, a token that is never cancelled, so library code can call
+    ``current_token().check()`` unconditionally.
+    """
+    return _current.get(_NEVER)
+
+
+def check_cancelled() -> None:
+    """Raise `Cancelled` if the current job's token has fired (see `current_token`)."""
+    token = _current.get(_NEVER)
+    if token.cancel_called:
+        raise Cancelled._create(token, token._reason)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._token_state import TokenState
+    from ._tokens import TokenState
 
 # Below this many entries the heap is never compacted; above it, once half is dead.
 _COMPACT_MIN = 64

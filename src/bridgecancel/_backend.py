@@ -1,0 +1,134 @@
+"""What differs between asyncio and trio, in one place: which backend runs the caller,
+its deadline in `time.monotonic` terms, calling into its loop from any thread, and plain
+asyncio's cancellation requests.
+
+Only anyio's public API is used; trio's own public API where a trio-only route is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._tokens import (
+    CALLER_CANCELLED,
+    CancelSource,
+    informative_source,
+)
+
+if TYPE_CHECKING:
+    import trio
+
+
+def on_trio() -> bool:
+    """True if the current thread runs a trio task (without importing trio to find out)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_task())
+
+
+def caller_deadline(trio_task: bool = False) -> float:
+    """The calling task's effective deadline in `time.monotonic` terms.
+
+    `trio_task`: the caller runs in trio (asks trio directly, which is cheaper).
+    """
+    if trio_task:
+        trio = sys.modules["trio"]
+        deadline: float = trio.current_effective_deadline()
+        if deadline == math.inf or deadline == -math.inf:
+            return deadline
+        now: float = trio.current_time()
+        return time.monotonic() + (deadline - now)
+    deadline = anyio.current_effective_deadline()
+    if deadline == math.inf or deadline == -math.inf:
+        return deadline
+    return time.monotonic() + (deadline - anyio.current_time())
+
+
+def source_for_caller(trio_task: bool = False) -> CancelSource:
+    """A source for a job or block: it carries the caller's effective deadline for
+    information, and fires only when the caller's scope is cancelled (never by itself at
+    that deadline, which the caller may push back later)."""
+    deadline = caller_deadline(trio_task)
+    if deadline == math.inf:
+        return CancelSource()  # no deadline to report: the plain source is the same, cheaper
+    if deadline == -math.inf:
+        source = CancelSource()
+        source.cancel(CALLER_CANCELLED)  # no callbacks yet: nothing runs here
+        return source
+    return informative_source(deadline)
+
+
+def threadsafe_caller() -> Callable[[Callable[[], object]], None]:
+    """A function that runs a callback in this event loop's thread, from any thread."""
+    loop_thread = threading.get_ident()
+    post: Callable[[Callable[[], object]], object]
+    if on_trio():
+        trio_token: trio.lowlevel.TrioToken = sys.modules["trio"].lowlevel.current_trio_token()
+        post = trio_token.run_sync_soon
+    else:
+        post = asyncio.get_running_loop().call_soon_threadsafe
+
+    def call_in_loop(fn: Callable[[], object]) -> None:
+        if threading.get_ident() == loop_thread:
+            fn()
+            return
+        try:
+            post(fn)
+        except RuntimeError:  # the run has finished, the loop closed: nothing to cancel
+            pass
+
+    return call_in_loop
+
+
+# -- from _xb_supervise -------------------------------------------------------
+
+def cancel_requests(exc: BaseException) -> int:
+    """How many cancellations of the current asyncio task are pending (3.11+; else 0)."""
+    if sys.version_info >= (3, 11) and isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None:
+            return task.cancelling()
+    return 0
+
+
+def redeliver_asyncio_cancel(exc: BaseException, requests: int) -> None:
+    """Ask again for a plain asyncio cancellation that was caught to hand over a result.
+
+    anyio's cancel scopes and trio redeliver by themselves (the effective deadline is
+    then -inf). A plain ``Task.cancel()`` fires once, so it is requested again at the
+    task's next suspension, unless its requester has withdrawn it by then: an
+    ``asyncio.timeout()`` block or task group that exited without another checkpoint
+    calls ``Task.uncancel()`` (Python 3.11+), and its cancellation must not escape it.
+    The same rule on every Python: a pending ``Task.cancel()`` flag set here would
+    outlive the block on 3.11 and 3.12, and a task ending with it set loses its result.
+
+    `requests` is ``Task.cancelling()`` when the cancellation was caught: one requester
+    withdrawing leaves fewer, and a second request (a bare ``Task.cancel()`` absorbed
+    while the job ended) keeps it pending.
+    """
+    if not isinstance(exc, asyncio.CancelledError):
+        return
+    if anyio.current_effective_deadline() == -math.inf:
+        return
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - the bridge always runs in a task
+        return
+    message = exc.args[0] if exc.args else None
+    asyncio.get_running_loop().call_soon(_cancel_again, task, requests, message)
+
+
+def _cancel_again(task: asyncio.Task[Any], requests: int, message: object) -> None:
+    if task.done():
+        return
+    if sys.version_info >= (3, 11):
+        if task.cancelling() < requests:
+            return  # withdrawn: the timeout or task group that asked has exited
+        task.uncancel()  # keep the count as it was, so asyncio.timeout() still works
+    task.cancel(message)
