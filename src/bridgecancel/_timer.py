@@ -22,10 +22,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._tokens import TokenState
+from typing import Any, Protocol
 
 # Below this many entries the heap is never compacted; above it, once half is dead.
 _COMPACT_MIN = 64
@@ -211,6 +208,12 @@ class DeadlineTimer(_OnDemandThread):
                     del token
 
 
+class _Timed(Protocol):
+    """What the timer fires: a token (`_tokens.CancelToken`)."""
+
+    def _fire_for_deadline(self, entry: Entry) -> None: ...
+
+
 class Entry(weakref.ref):  # type: ignore[type-arg]
     """A pending deadline: a weak reference to its token, dead once the token is gone.
 
@@ -220,10 +223,10 @@ class Entry(weakref.ref):  # type: ignore[type-arg]
 
     __slots__ = ("deadline", "live")
 
-    def __new__(cls, token: TokenState, deadline: float) -> Entry:  # noqa: PYI034
+    def __new__(cls, token: _Timed, deadline: float) -> Entry:  # noqa: PYI034
         return super().__new__(cls, token, _entry_died)
 
-    def __init__(self, token: TokenState, deadline: float) -> None:
+    def __init__(self, token: _Timed, deadline: float) -> None:
         # weakref.ref.__init__ does nothing: __new__ made the reference.
         self.deadline = deadline
         self.live = True

@@ -1,10 +1,11 @@
-"""Cancel tokens: `CancelSource`, `CancelToken`, `Registration`, `any_of`, `Cancelled`,
-and the current job's token (`current_token`, `check_cancelled`).
+"""Cancel tokens: `CancelSource`, `CancelToken`, `Registration`, `any_of`, `Cancelled`, the
+reasons bridgecancel's own cancellations carry, and the current job's token
+(`current_token`, `check_cancelled`).
 
-Standard library only: the process-side worker imports this module, and it must start fast.
-A token's state lives on the token, and it fires without a lock (so a signal handler may
-fire it); a source is the right to fire it. The deadline timer and the callback thread are
-in `_timer`.
+Standard library only: the worker process imports this module, and it must start fast.
+A token's state lives on the token, and the token fires without taking a lock, so a
+signal handler may fire it at any instant; a source is the right to fire it. The deadline
+timer and the thread that runs detached callbacks are in `_timer`.
 """
 
 from __future__ import annotations
@@ -20,33 +21,43 @@ from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NoReturn, final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from ._timer import Entry, report_unraisable
 from ._timer import runner as _runner
 from ._timer import timer as _timer
 from ._util import PosArgsT, Self, Unpack, check_deadline, check_seconds
 
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = (
+    "CALLER_CANCELLED",
+    "DEADLINE_REASON",
+    "INTERRUPTED_REASON",
     "CancelSource",
     "CancelToken",
-    "DEADLINE_REASON",
-    "Deferred",
-    "FOLLOWER",
-    "INLINE",
-    "LeftOnExit",
+    "Cancelled",
     "Registration",
-    "TokenState",
-    "USER",
     "any_of",
     "check_cancelled",
-    "close_fds",
     "current_token",
     "informative_source",
-    "poke",
-    "set_slot",
 )
 
+# -- the reasons bridgecancel's own cancellations carry ------------------------------------
+
+DEADLINE_REASON: Final = "deadline exceeded"
+"""A token whose deadline passed; also a job's, when its caller's deadline did."""
+
+CALLER_CANCELLED: Final = "the caller was cancelled"
+"""A job's token, when its caller was cancelled for any other reason."""
+
+INTERRUPTED_REASON: Final = "interrupted"
+"""The `Cancelled` raised inside a worker by ``interrupt_after=``."""
+
+
+# -- Cancelled -----------------------------------------------------------------------------
 
 
 class _NoPublicConstructor(type):
@@ -96,28 +107,10 @@ def _rebuild_cancelled(reason: str | None) -> Cancelled:
     return cancelled
 
 
-# -- from _xt_supervise -------------------------------------------------------
+# -- registrations -------------------------------------------------------------------------
 
-CALLER_CANCELLED: Final = "the caller was cancelled"
-
-
-# -- from _xt_interrupt -------------------------------------------------------
-
-INTERRUPTED_REASON: Final = "interrupted"
-"""The `Cancelled.reason` of an injected cancellation."""
-
-
-# -- from _registration -------------------------------------------------------
-
-# `Registration`: a callback registered on a token, and the kinds a token files them under.
-#
-# Standard library only. A registration is a key in its token's callbacks dict: whoever
-# pops it from there (the firer, `unregister`, or `on_cancel` itself) runs or drops it,
-# exactly once.
-
-
-
-# What `on_cancel` registrations are, as values in a token's callbacks dict.
+# How a registration runs when its token fires: its mode, as the value in the token's
+# callbacks dict.
 USER: Final = 1  # a user's callback: with `_cancel_detached`, runs in the runner thread
 INLINE: Final = 2  # bridgecancel's own quick, non-blocking wake-up: runs in the canceller
 FOLLOWER: Final = 3  # a child or `any_of` source: fires in the same way as this token
@@ -143,7 +136,6 @@ class LeftOnExit:
         raise NotImplementedError
 
 
-@final
 class Registration(LeftOnExit):
     """A callback registered with `CancelToken.on_cancel`.
 
@@ -178,26 +170,21 @@ class Registration(LeftOnExit):
     _leave = unregister
 
 
-# -- from _token_state --------------------------------------------------------
+# -- tokens and sources --------------------------------------------------------------------
 
-# A token's state, and how it fires: without a lock, so a signal handler may fire it.
-#
-# Standard library only. `_token.CancelToken` is a read-only `TokenState`; its source
-# fires it through the methods here, and the deadline timer through `_fire_for_deadline`.
-
-
-
-DEADLINE_REASON: Final = "deadline exceeded"
-
-# Writes to a token's private slots (users cannot assign to a token's attributes).
-set_slot = object.__setattr__
+# Writes to a token's slots (users cannot assign to a token's attributes).
+set_slot: Final = object.__setattr__
+_object_new: Final = object.__new__
 Deferred = list[tuple[object, Callable[..., object], tuple[Any, ...]]]
+"""User callbacks to run later, each with its token (see `CancelSource._cancel_detached`)."""
 
 
-class TokenState:
-    """A token's storage and how it fires. `_token._new_token` fills it with plain
-    stores (cheap: every job makes a token), then makes it a `CancelToken`, which refuses
-    assignment; it changes later only through `set_slot`."""
+class CancelToken:
+    """A read-only view of a cancellation: safe to hand to any code, in any thread.
+
+    Get one from `CancelSource.token`, or `current_token()` inside a worker. Firing it
+    takes no lock, so a signal handler may cancel its source at any instant.
+    """
 
     # State changes are single atomic operations (a slot store, a dict pop or
     # setdefault, a lock release), never a lock a canceller waits on: the thread that
@@ -216,7 +203,7 @@ class TokenState:
         "cancel_called",
     )
 
-    # Registration -> USER, INLINE or FOLLOWER, insertion-ordered.
+    # Registration -> its mode (USER, INLINE or FOLLOWER), insertion-ordered.
     _callbacks: dict[Registration, int]
     # What only the first of racing threads may set, by atomic dict.setdefault: the
     # first firer's (reason,) under "reason", the pipe under "fds".
@@ -230,151 +217,7 @@ class TokenState:
     _reason: str | None
     _timer_entry: Entry | None
 
-    if TYPE_CHECKING:  # a plain slot, set through set_slot; read-only on CancelToken
-
-        @property
-        def cancel_called(self) -> bool: ...
-
-    def _fire(self, reason: str | None, deferred: Deferred | None) -> list[BaseException]:
-        """Fire the token; return the errors its callbacks raised.
-
-        With `deferred`, user callbacks (this token's and its followers') are appended
-        to it rather than run. Takes no lock: safe in a signal handler that interrupted
-        any of this token's methods.
-        """
-        if self.cancel_called:
-            return []
-        mine = (reason,)
-        first = self._once.setdefault("reason", mine)
-        # Every caller stores the same first reason before the flag, so once any
-        # cancel() returns the token reads as cancelled, with its first reason.
-        set_slot(self, "_reason", first[0])
-        set_slot(self, "cancel_called", True)
-        if first is not mine:
-            return []
-        waiters = self._wait_locks
-        while waiters:
-            try:
-                waiters.popleft().release()
-            except IndexError:  # emptied meanwhile by a waiter leaving
-                break
-        fds = self._fds
-        if fds is not None:
-            poke(fds)
-        entry = self._timer_entry
-        if entry is not None:
-            _timer.discard(entry)
-        errors: list[BaseException] = []
-        callbacks = self._callbacks
-        # Registrations added from now on see the flag and run themselves.
-        for registration in reversed(list(callbacks)):
-            kind = callbacks.pop(registration, 0)
-            if not kind:
-                continue  # unregistered, or run by on_cancel, meanwhile
-            fn, args = registration._fn, registration._args
-            registration._token = None
-            if kind == FOLLOWER:
-                follower = args[0]()
-                if follower is not None:
-                    errors += follower._token._fire(first[0], deferred)
-            elif kind == USER and deferred is not None:
-                deferred.append((self, fn, args))
-            else:
-                try:
-                    fn(*args)
-                except BaseException as exc:  # every callback runs; errors go together
-                    errors.append(exc)
-        return errors
-
-    def _fire_for_deadline(self, entry: Entry) -> None:
-        """Called by the timer thread; callbacks run in it, errors to the hook."""
-        if self._timer_entry is entry:  # not closed or moved meanwhile
-            for exc in self._fire(DEADLINE_REASON, None):
-                report_unraisable(exc, "Exception in on_cancel callback", self)
-
-    def _set_deadline(self, deadline: float) -> None:
-        deadline = check_deadline(deadline)
-        set_slot(self, "_deadline", deadline)
-        set_slot(self, "_fires_at", deadline)
-        pending = not self.cancel_called and deadline != math.inf
-        passed = pending and deadline <= time.monotonic()
-        # Published before the timer can see it: the timer fires an entry only while
-        # it is the token's current one (so racing setters leave inert entries).
-        entry = Entry(self, deadline) if pending and not passed else None
-        old = self._timer_entry
-        set_slot(self, "_timer_entry", entry)
-        if old is not None:
-            _timer.discard(old)
-        if entry is not None:
-            _timer.add(entry)
-        elif passed:
-            for exc in self._fire(DEADLINE_REASON, None):
-                report_unraisable(exc, "Exception in on_cancel callback", self)
-
-    def _drop_callbacks(self) -> None:
-        entry = self._timer_entry
-        if entry is not None:
-            set_slot(self, "_timer_entry", None)
-            _timer.discard(entry)
-        callbacks = self._callbacks
-        if callbacks:
-            for registration in list(callbacks):
-                if callbacks.pop(registration, 0):
-                    registration._token = None
-
-
-def close_fds(fds: tuple[int, int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def poke(fds: tuple[int, int]) -> None:
-    try:
-        os.write(fds[1], b"\0")
-    except OSError:  # full (it is readable already) or closed (nobody selects on it)
-        pass
-
-
-# -- from _token --------------------------------------------------------------
-
-# Cancel tokens: `CancelSource`, `CancelToken`, `any_of`.
-#
-# Standard library only: the process-side worker imports this module, and it must start fast.
-# A token's state lives on the token (`_token_state`, which also says how it fires); a
-# source is the right to fire it. `Registration` is in `_registration`, `current_token` in
-# `_token_current`.
-
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup
-
-
-
-def _new_token(deadline: float, never: bool = False) -> CancelToken:
-    fields = TokenState()
-    set_slot(fields, "cancel_called", False)
-    fields._reason = None
-    fields._deadline = fields._fires_at = deadline
-    fields._callbacks = {}
-    fields._once = {}
-    fields._wait_locks = deque()
-    fields._fds = None
-    fields._timer_entry = None
-    fields._never = never
-    fields.__class__ = CancelToken  # same layout: CancelToken adds no slots
-    return fields  # type: ignore[return-value]
-
-
-@final
-class CancelToken(TokenState):
-    """A read-only view of a cancellation: safe to hand to any code, in any thread.
-
-    Get one from `CancelSource.token`, or `current_token()` inside a worker. Firing it
-    takes no lock, so a signal handler may cancel its source at any instant.
-    """
-
-    __slots__ = ()
-
-    if TYPE_CHECKING:
+    if TYPE_CHECKING:  # a plain slot, set only through set_slot
 
         @property
         def cancel_called(self) -> bool:
@@ -384,7 +227,7 @@ class CancelToken(TokenState):
             ``threading.Event.is_set()``, for hot loops.
             """
 
-    def __new__(cls, *args: object, **kwargs: object) -> CancelToken:
+    def __new__(cls, *args: object, **kwargs: object) -> Self:
         raise TypeError(
             "CancelToken cannot be created directly: make a CancelSource and use its "
             ".token, or call current_token()"
@@ -411,10 +254,6 @@ class CancelToken(TokenState):
 
     # `cancel_called` is a plain slot: workers read it in hot loops, and a slot read
     # costs a fraction of threading.Event.is_set().
-
-    @property
-    def _fired(self) -> bool:  # the older private name, still read by other modules
-        return self.cancel_called
 
     @property
     def reason(self) -> str | None:
@@ -526,13 +365,13 @@ class CancelToken(TokenState):
         return self._register(fn, args, INLINE)
 
     def _register(
-        self, fn: Callable[..., object], args: tuple[Any, ...], kind: int
+        self, fn: Callable[..., object], args: tuple[Any, ...], mode: int
     ) -> Registration:
         registration = Registration(self, fn, args)
         if self._never:
             return registration
         callbacks = self._callbacks
-        callbacks[registration] = kind
+        callbacks[registration] = mode
         # After publishing: the firer either took it from the dict, or set the flag
         # before and one of us pops it now.
         if self.cancel_called and callbacks.pop(registration, 0):
@@ -554,7 +393,124 @@ class CancelToken(TokenState):
             source._follow(self)
         return source
 
-@final
+    # -- firing (by its source, the deadline timer, or a parent) ------------------------
+
+    def _fire(self, reason: str | None, deferred: Deferred | None) -> list[BaseException]:
+        """Fire the token; return the errors its callbacks raised.
+
+        With `deferred`, user callbacks (this token's and its followers') are appended
+        to it rather than run. Takes no lock: safe in a signal handler that interrupted
+        any of this token's methods.
+        """
+        if self.cancel_called:
+            return []
+        mine = (reason,)
+        first = self._once.setdefault("reason", mine)
+        # Every caller stores the same first reason before the flag, so once any
+        # cancel() returns the token reads as cancelled, with its first reason.
+        set_slot(self, "_reason", first[0])
+        set_slot(self, "cancel_called", True)
+        if first is not mine:
+            return []
+        waiters = self._wait_locks
+        while waiters:
+            try:
+                waiters.popleft().release()
+            except IndexError:  # emptied meanwhile by a waiter leaving
+                break
+        fds = self._fds
+        if fds is not None:
+            poke(fds)
+        entry = self._timer_entry
+        if entry is not None:
+            _timer.discard(entry)
+        errors: list[BaseException] = []
+        callbacks = self._callbacks
+        # Registrations added from now on see the flag and run themselves.
+        for registration in reversed(list(callbacks)):
+            mode = callbacks.pop(registration, 0)
+            if not mode:
+                continue  # unregistered, or run by on_cancel, meanwhile
+            fn, args = registration._fn, registration._args
+            registration._token = None
+            if mode == FOLLOWER:
+                follower = args[0]()
+                if follower is not None:
+                    errors += follower._token._fire(first[0], deferred)
+            elif mode == USER and deferred is not None:
+                deferred.append((self, fn, args))
+            else:
+                try:
+                    fn(*args)
+                except BaseException as exc:  # every callback runs; errors go together
+                    errors.append(exc)
+        return errors
+
+    def _fire_for_deadline(self, entry: Entry) -> None:
+        """Called by the timer thread; callbacks run in it, errors to the hook."""
+        if self._timer_entry is entry:  # not closed or moved meanwhile
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
+
+    def _set_deadline(self, deadline: float) -> None:
+        deadline = check_deadline(deadline)
+        set_slot(self, "_deadline", deadline)
+        set_slot(self, "_fires_at", deadline)
+        pending = not self.cancel_called and deadline != math.inf
+        passed = pending and deadline <= time.monotonic()
+        # Published before the timer can see it: the timer fires an entry only while
+        # it is the token's current one (so racing setters leave inert entries).
+        entry = Entry(self, deadline) if pending and not passed else None
+        old = self._timer_entry
+        set_slot(self, "_timer_entry", entry)
+        if old is not None:
+            _timer.discard(old)
+        if entry is not None:
+            _timer.add(entry)
+        elif passed:
+            for exc in self._fire(DEADLINE_REASON, None):
+                report_unraisable(exc, "Exception in on_cancel callback", self)
+
+    def _drop_callbacks(self) -> None:
+        entry = self._timer_entry
+        if entry is not None:
+            set_slot(self, "_timer_entry", None)
+            _timer.discard(entry)
+        callbacks = self._callbacks
+        if callbacks:
+            for registration in list(callbacks):
+                if callbacks.pop(registration, 0):
+                    registration._token = None
+
+
+def _new_token(deadline: float, never: bool = False) -> CancelToken:
+    """A token, built without `CancelToken.__new__`, which refuses users."""
+    token: CancelToken = _object_new(CancelToken)
+    set_slot(token, "cancel_called", False)
+    set_slot(token, "_reason", None)
+    set_slot(token, "_deadline", deadline)
+    set_slot(token, "_fires_at", deadline)
+    set_slot(token, "_callbacks", {})
+    set_slot(token, "_once", {})
+    set_slot(token, "_wait_locks", deque())
+    set_slot(token, "_fds", None)
+    set_slot(token, "_timer_entry", None)
+    set_slot(token, "_never", never)
+    return token
+
+
+def close_fds(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def poke(fds: tuple[int, int]) -> None:
+    try:
+        os.write(fds[1], b"\0")
+    except OSError:  # full (it is readable already) or closed (nobody selects on it)
+        pass
+
+
 class CancelSource(LeftOnExit):
     """The right to cancel a `CancelToken`.
 
@@ -694,12 +650,7 @@ def any_of(*tokens: CancelToken) -> CancelSource:
     return source
 
 
-# -- from _token_current ------------------------------------------------------
-
-# The current job's token: `current_token` and `check_cancelled`.
-#
-# Standard library only. The thread and process workers set `_current` for a job; outside
-# one, the current token is `_NEVER`, a token that can never fire.
+# -- the current job's token ---------------------------------------------------------------
 
 _NEVER: Final = _new_token(math.inf, never=True)
 _current: ContextVar[CancelToken] = ContextVar("bridgecancel_current_token")
