@@ -1,23 +1,13 @@
-"""The exceptions bridgecancel raises."""
+"""The errors of a worker that broke: `BrokenWorkerError`, and the `RemoteTraceback` of an error
+raised in a worker process. (`Cancelled` belongs to the tokens, in `_tokens`.)
+"""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 __all__ = (
     "BrokenWorkerError",
     "RemoteTraceback",
 )
-
-if TYPE_CHECKING:
-    pass
-
-
-
-
-
-
-
 
 
 class BrokenWorkerError(RuntimeError):

@@ -1,6 +1,7 @@
-"""Scopes to tokens and back: `open_token`, `cancel_on`, and the pieces the bridges share.
+"""Scopes to tokens and back: `open_token` (a scope's cancellation as a token) and `cancel_on`
+(a token's firing as a scope's cancellation).
 
-Only anyio's public API is used; trio's own public API where a trio-only route is needed.
+Only anyio's public API is used.
 """
 
 from __future__ import annotations
@@ -8,27 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 
-from bridgecancel._backend import source_for_caller, threadsafe_caller
-
+from ._backend import source_for_caller, threadsafe_caller
 from ._tokens import CALLER_CANCELLED, CancelSource, CancelToken
 
 __all__ = (
     "cancel_on",
     "open_token",
 )
-
-if TYPE_CHECKING:
-    pass
-
-
-
-
-
-
 
 
 @asynccontextmanager
