@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from bridgecancel import Cancelled, CancelSource, CancelToken
-from bridgecancel._interrupt import RETRY_INTERVAL, JobGuard
+from bridgecancel._interrupt import JobGuard
+from bridgecancel._supervise import INTERRUPT_RETRY as RETRY_INTERVAL
 from bridgecancel._tokens import INTERRUPTED_REASON
 
 LONG = 30.0  # a spinning job gives up after this long, so a failing test cannot hang

@@ -40,11 +40,11 @@ pytestmark = pytest.mark.anyio
 TESTS_DIR = Path(__file__).parent
 
 
-def stats() -> bridgecancel.WorkerStatistics:
+def stats() -> bridgecancel.JobStatistics:
     return bridgecancel.statistics().processes
 
 
-def delta(before: bridgecancel.WorkerStatistics) -> dict[str, int]:
+def delta(before: bridgecancel.JobStatistics) -> dict[str, int]:
     after = stats()
     fields = ("completed", "cooperative", "interrupted", "killed", "abandoned")
     changes = {f: getattr(after, f) - getattr(before, f) for f in fields}

@@ -17,7 +17,7 @@ import anyio.from_thread
 import pytest
 
 import bridgecancel
-from bridgecancel import Statistics, WorkerStatistics, current_token, run_sync
+from bridgecancel import JobStatistics, Statistics, current_token, run_sync
 
 WAIT = 10.0  # upper bound for any wait that should end much sooner
 OUTCOMES = (
@@ -25,11 +25,11 @@ OUTCOMES = (
 )
 
 
-def _threads() -> WorkerStatistics:
+def _threads() -> JobStatistics:
     return bridgecancel.statistics().threads
 
 
-def _delta(before: WorkerStatistics) -> dict[str, int]:
+def _delta(before: JobStatistics) -> dict[str, int]:
     """The outcome counts that changed since `before` (running excluded)."""
     after = _threads()
     changes = {name: getattr(after, name) - getattr(before, name) for name in OUTCOMES}
@@ -68,9 +68,9 @@ async def _cancel_while_running(job: Callable[[anyio.Event], object], **options:
 def test_statistics_is_a_frozen_record() -> None:
     stats = bridgecancel.statistics()
     assert isinstance(stats, Statistics)
-    assert isinstance(stats.threads, WorkerStatistics)
-    assert isinstance(stats.processes, WorkerStatistics)
-    assert [f.name for f in dataclasses.fields(WorkerStatistics)] == [*OUTCOMES, "running"]
+    assert isinstance(stats.threads, JobStatistics)
+    assert isinstance(stats.processes, JobStatistics)
+    assert [f.name for f in dataclasses.fields(JobStatistics)] == [*OUTCOMES, "running"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.threads = stats.processes  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):

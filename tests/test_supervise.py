@@ -30,7 +30,7 @@ PROMPT = 2.0  # generous bound for "at once"
 pytestmark = pytest.mark.anyio
 
 
-def _delta(kind: str, before: bridgecancel.WorkerStatistics) -> dict[str, int]:
+def _delta(kind: str, before: bridgecancel.JobStatistics) -> dict[str, int]:
     after = getattr(bridgecancel.statistics(), kind)
     names = [f for f in before.__dataclass_fields__ if f != "running"]
     changes = {name: getattr(after, name) - getattr(before, name) for name in names}

@@ -23,8 +23,8 @@ if _typing.TYPE_CHECKING:
     from ._process._run import run_process as run_process
     from ._scopes import cancel_on as cancel_on
     from ._scopes import open_token as open_token
+    from ._supervise import JobStatistics as JobStatistics
     from ._supervise import Statistics as Statistics
-    from ._supervise import WorkerStatistics as WorkerStatistics
     from ._supervise import statistics as statistics
     from ._threads import run_sync as run_sync
 
@@ -35,10 +35,10 @@ __all__ = (
     "CancelSource",
     "CancelToken",
     "Cancelled",
+    "JobStatistics",
     "Registration",
     "RemoteTraceback",
     "Statistics",
-    "WorkerStatistics",
     "any_of",
     "cancel_on",
     "check_cancelled",
@@ -59,7 +59,7 @@ _LAZY: dict[str, str] = {
     "idle_worker_pids": "._process._run",
     "run_process": "._process._run",
     "Statistics": "._supervise",
-    "WorkerStatistics": "._supervise",
+    "JobStatistics": "._supervise",
     "statistics": "._supervise",
     "run_sync": "._threads",
 }

@@ -1,18 +1,23 @@
 """What differs between asyncio and trio, in one place: which backend runs the caller,
-its deadline in `time.monotonic` terms, calling into its loop from any thread, and plain
+its deadline in `time.monotonic` terms, calling into its loop from any thread, the cheap
+trio-only routes (trio's own cancel scopes, system tasks, parking a task), and plain
 asyncio's cancellation requests.
 
-Only anyio's public API is used; trio's own public API where a trio-only route is needed.
+Only anyio's public API is used, and trio's own public API where a trio-only route is
+needed; trio is never imported here (it is read from ``sys.modules`` once a trio task is
+running, so asyncio users never load it). No other module of the package touches trio's
+or asyncio's own API for the caller's backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -87,7 +92,55 @@ def threadsafe_caller() -> Callable[[Callable[[], object]], None]:
     return call_in_loop
 
 
-# -- from _xb_supervise -------------------------------------------------------
+# -- trio's own routes ---------------------------------------------------------------------
+
+
+def new_cancel_scope() -> Any:
+    """A cancel scope for this backend: trio's own on trio (anyio's wraps one and costs
+    twice as much to enter), anyio's elsewhere. Both have ``cancel()``, ``deadline`` and
+    ``cancel_called``."""
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_task():
+        return trio.CancelScope()
+    return anyio.CancelScope()
+
+
+def spawn_system_task(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run ``fn(*args)`` in a trio system task, in a copy of the current context.
+
+    It belongs to no nursery, so it must not raise; whoever spawns it reaps it.
+    """
+    sys.modules["trio"].lowlevel.spawn_system_task(fn, *args, context=contextvars.copy_context())
+
+
+async def park_trio_task(
+    host: Callable[[], Awaitable[object]], on_cancel: Callable[[], None]
+) -> None:
+    """Run `host` in a trio system task and keep the calling task parked until it ends.
+
+    The moment the caller's scope is cancelled, `on_cancel()` is called (in trio's thread,
+    synchronously) and the caller stays parked: it returns only when `host` has ended,
+    and trio delivers the cancellation at its next checkpoint. `host` must not raise.
+    """
+    lowlevel = sys.modules["trio"].lowlevel
+    caller = lowlevel.current_task()
+
+    async def hosted() -> None:
+        try:
+            await host()
+        finally:
+            lowlevel.reschedule(caller)
+
+    def abort(raise_cancel: object) -> Any:
+        on_cancel()
+        return lowlevel.Abort.FAILED
+
+    lowlevel.spawn_system_task(hosted, context=contextvars.copy_context())
+    await lowlevel.wait_task_rescheduled(abort)
+
+
+# -- plain asyncio's cancellation requests -------------------------------------------------
+
 
 def cancel_requests(exc: BaseException) -> int:
     """How many cancellations of the current asyncio task are pending (3.11+; else 0)."""

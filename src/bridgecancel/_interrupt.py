@@ -9,7 +9,7 @@ Python bytecode checkpoint (``PyThreadState_SetAsyncExc``), but only while the j
 * while an injected `Cancelled` propagates (the job's ``finally`` blocks run), no second
   one is injected; if the job swallowed it (``except BaseException: pass``) and runs on,
   the next `interrupt` call injects again. The caller re-calls `interrupt` every
-  `RETRY_INTERVAL` seconds until `JobGuard.finished`.
+  ``_supervise.INTERRUPT_RETRY`` seconds until the job has ended.
 
 Limits: a thread blocked in C code (``time.sleep``, a socket read, a lock) sees the
 exception only when that call returns; use `bridgecancel.blocking` or
@@ -28,21 +28,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar, final
 
-from bridgecancel._tokens import INTERRUPTED_REASON
-
-from ._tokens import Cancelled, CancelToken, _NoPublicConstructor
+from ._tokens import INTERRUPTED_REASON, Cancelled, CancelToken, _NoPublicConstructor
 
 __all__ = (
     "INTERRUPTED_REASON",
     "JobGuard",
-    "RETRY_INTERVAL",
 )
 
 T = TypeVar("T")
 
-
-RETRY_INTERVAL: Final = 0.01
-"""Seconds between the caller's `JobGuard.interrupt` calls while the job keeps running."""
 
 # int PyThreadState_SetAsyncExc(unsigned long id, PyObject *exc): exc is a class (the
 # interpreter instantiates it in the target thread), or NULL to clear a pending one.

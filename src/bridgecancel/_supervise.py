@@ -1,8 +1,9 @@
-"""Section 3 of the design, once for every kind of worker: fire, escalate, wait, deliver, count.
+"""The structured semantics (docs/structured.md), once for every kind of job: fire, escalate,
+wait, deliver, count.
 
-A kind of worker (`_threads`, `_processes`) supplies a `Job`: how to fire its token, how to
-wait for it, interrupt it and kill it, and what it produced. This module owns what
-happens around it:
+A kind of job (a thread's in `_threads`, a process's in `_process._run`, a cluster call's in
+`dask`) is a `Job`: how to fire its token, wait for it, interrupt it and kill it, and what
+it produced. This module owns what happens around it:
 
 1. When the caller is cancelled, the job's token fires at once, from the event loop
    thread but without running user callbacks there (`Job.fire` is detached).
@@ -12,15 +13,19 @@ happens around it:
    the call returns only once the job has ended.
 3. Delivery: a job that stopped because of the cancel becomes the caller's native
    cancellation; a value or error it produced anyway is handed over, and the
-   cancellation comes at the caller's next checkpoint (`redeliver_asyncio_cancel`).
-4. The job is counted in exactly one outcome and, if cancelled, logged.
+   cancellation comes at the caller's next checkpoint (`_backend.redeliver_asyncio_cancel`).
+4. The job is counted in exactly one outcome and, if cancelled, logged; `statistics()`
+   reads the counts. A job's life is one `JobState`, and the running count is the number
+   of jobs in `JobState.RUNNING`.
 
-Uses anyio's public API only, so it works under anyio on asyncio and trio, and from plain
-asyncio and plain trio code.
+The checks of the arguments `run_sync` and `run_process` share live here too: a bad call
+fails before any worker or limiter token is touched, so it never breaks a pool or another
+job. Uses anyio's public API only.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import logging
@@ -28,94 +33,275 @@ import math
 import threading
 import time
 import types
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, get_args
 
 import anyio
 
-from bridgecancel._backend import cancel_requests, redeliver_asyncio_cancel
-from bridgecancel._tokens import CALLER_CANCELLED
-
-from ._tokens import DEADLINE_REASON
+from ._backend import cancel_requests, redeliver_asyncio_cancel
+from ._tokens import CALLER_CANCELLED, DEADLINE_REASON
 from ._util import check_seconds, describe
 
 __all__ = (
-    "CALLER_CANCELLED",
+    "DEFAULT_INTERRUPT_AFTER",
+    "DEFAULT_KILL_AFTER",
+    "INTERRUPT_RETRY",
     "Job",
+    "JobKind",
+    "JobState",
+    "JobStatistics",
     "Outcome",
     "Statistics",
-    "WorkerStatistics",
     "abandon",
-    "cancel_reason",
     "check_call",
+    "check_func",
     "deliver",
     "deliver_cancelled",
     "escalate",
     "record",
-    "redeliver_asyncio_cancel",
     "statistics",
+    "wait_shielded",
 )
 
-class Job(Protocol):
-    """A job in a worker, as the supervisor sees it."""
+# -- escalation timing ---------------------------------------------------------------------
+
+DEFAULT_INTERRUPT_AFTER: Final = 1.0
+"""Seconds from the cancel to raising `Cancelled` inside a process job that ignores its
+token (`run_process`'s default; threads are interrupted only when asked)."""
+
+DEFAULT_KILL_AFTER: Final = 2.0
+"""Seconds from the interrupt to killing a worker process that is still running."""
+
+INTERRUPT_RETRY: Final = 0.01
+"""Seconds between interrupts of a thread job that swallowed the previous one."""
+
+
+# -- outcomes and statistics ---------------------------------------------------------------
+
+Outcome = Literal[
+    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
+]
+OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+
+JobKind = Literal["threads", "processes", "cluster"]
+"""What ran a job, as `Statistics` files it."""
+
+_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
+
+logger: Final = logging.getLogger("bridgecancel")
+
+
+@dataclass(frozen=True)
+class JobStatistics:
+    """How the jobs of one kind ended: counts of finished jobs per outcome, and of jobs
+    running now.
+
+    Attributes:
+        completed: jobs that ended without being cancelled.
+        cooperative: cancelled jobs whose worker stopped by itself (it raised
+            `Cancelled` or returned after the token fired).
+        interrupted: jobs stopped by raising `Cancelled` inside the worker.
+        killed: process jobs whose worker was killed.
+        abandoned: cancelled jobs left running (``abandon_on_cancel=True``), counted
+            when the caller leaves them.
+        crashed: process and cluster jobs whose worker died by itself
+            (`BrokenWorkerError`).
+        never_started: jobs cancelled before their function began, which then never ran
+            (they cost their worker nothing).
+        running: jobs whose function is running in a worker right now (for the cluster:
+            calls handed to it that have not ended).
+    """
+
+    completed: int
+    cooperative: int
+    interrupted: int
+    killed: int
+    abandoned: int
+    crashed: int
+    never_started: int
+    running: int
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A snapshot of how bridgecancel's jobs ended, per kind of job."""
+
+    threads: JobStatistics
+    processes: JobStatistics
+    cluster: JobStatistics
+    """Calls made with `bridgecancel.dask.run_on_cluster`."""
+
+
+class _Counters:
+    """The counts behind `statistics`: outcomes, and jobs in `JobState.RUNNING`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._counts: dict[JobKind, dict[str, int]] = {
+            kind: dict.fromkeys((*OUTCOMES, "running"), 0) for kind in get_args(JobKind)
+        }
+
+    def move(self, job: Job, state: JobState) -> bool:
+        """Put `job` in `state`, keeping the running count; False if it was abandoned.
+
+        An abandoned job's worker may still run it, but its caller has left and counted
+        it: what the worker does with it from then on changes nothing.
+        """
+        with self.lock:
+            old = job.state
+            if old is _ABANDONED:
+                return False
+            job.state = state
+            if old is _RUNNING:
+                self._counts[job.kind]["running"] -= 1
+            if state is _RUNNING:
+                self._counts[job.kind]["running"] += 1
+        return True
+
+    def count(self, kind: JobKind, outcome: Outcome) -> None:
+        with self.lock:
+            self._counts[kind][outcome] += 1
+
+    def snapshot(self) -> Statistics:
+        with self.lock:
+            return Statistics(
+                **{kind: JobStatistics(**counts) for kind, counts in self._counts.items()}
+            )
+
+
+counters: Final = _Counters()
+
+
+def statistics() -> Statistics:
+    """Return a frozen record of how thread, process and cluster jobs have ended so far."""
+    return counters.snapshot()
+
+
+def _log_cancelled(kind: JobKind, outcome: Outcome, func: object, reason: str | None) -> None:
+    """Log a cancelled job: DEBUG when it stopped by itself, WARNING when forced."""
+    level = logging.DEBUG if outcome in ("cooperative", "never_started") else logging.WARNING
+    if logger.isEnabledFor(level):
+        name = getattr(func, "__qualname__", None) or repr(func)
+        logger.log(
+            level, "%s job %s ended %s after cancel (reason: %s)",
+            _SINGULAR[kind], name, outcome, reason,
+        )
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+class JobState(enum.Enum):
+    """Where a job is in its life. It moves only forward:
+    ``QUEUED -> RUNNING -> FINISHED``, or ``QUEUED -> DROPPED``; a cluster call is
+    ``RUNNING`` from the moment the cluster has it, and ``DROPPED`` from there if its task
+    never started. ``ABANDONED`` is where its caller leaves it (``abandon_on_cancel``),
+    from any state: its worker's later moves are ignored."""
+
+    QUEUED = "queued"
+    """Waiting for a worker: its function has not begun."""
+    RUNNING = "running"
+    """Its function has begun in a worker and not ended."""
+    FINISHED = "finished"
+    """Its function began and has ended (returned or raised), or its worker died or was
+    killed and has been reaped."""
+    DROPPED = "dropped"
+    """It ended without its function beginning: cancelled before it began, or it could
+    not be loaded, or its worker died first."""
+    ABANDONED = "abandoned"
+    """Its caller left it running (``abandon_on_cancel=True``)."""
+
+
+_QUEUED: Final = JobState.QUEUED
+_RUNNING: Final = JobState.RUNNING
+_FINISHED: Final = JobState.FINISHED
+_DROPPED: Final = JobState.DROPPED
+_ABANDONED: Final = JobState.ABANDONED
+
+
+class Job:
+    """One call's job, as the supervisor sees it; each kind of job subclasses it.
+
+    A subclass moves its job through the `JobState`s with `move` and supplies how to
+    signal it (`_cancel`, `interrupt`, `kill`), how to wait for it (`wait`), and what came
+    of it (`outcome`, `stopped_by_cancel`, `result`).
+    """
+
+    __slots__ = ("deadline", "func", "interrupt_after", "kill_after", "reason", "state")
+
+    kind: ClassVar[JobKind]
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        deadline: float,
+        interrupt_after: float | None = None,
+        kill_after: float | None = None,
+    ) -> None:
+        self.func = func
+        self.deadline = deadline  # the caller's effective deadline at the start (monotonic)
+        self.interrupt_after = interrupt_after  # from the cancel (or the start); None: never
+        self.kill_after = kill_after  # from the interrupt (or the cancel); None: never
+        self.reason: str | None = None  # what it was fired with; None while not fired
+        self.state = _QUEUED
 
     @property
-    def kind(self) -> Kind:
-        """Which statistics count the job."""
-
-    @property
-    def func(self) -> object:
-        """The function the job runs (for logs)."""
-
-    @property
-    def in_worker(self) -> bool:
-        """True once `counters.started` counted the job as running."""
-
-    @property
-    def interrupt_after(self) -> float | None:
-        """Seconds from the cancel (or the start) to the interrupt; None: never."""
-
-    @property
-    def kill_after(self) -> float | None:
-        """Seconds from the interrupt to the kill; None: never (always for threads)."""
-
-    @property
-    def deadline(self) -> float:
-        """The caller's effective deadline at the start, in `time.monotonic` terms."""
-
-    @property
-    def started(self) -> bool:
-        """True once the job's function has begun (it may have ended since)."""
+    def began(self) -> bool:
+        """Its function has begun (it may have ended since)."""
+        return self.state is _RUNNING or self.state is _FINISHED
 
     @property
     def ended(self) -> bool:
-        """True once the job has ended, or will never start."""
+        """It has ended, or will never start."""
+        return self.state is _FINISHED or self.state is _DROPPED
 
-    @property
-    def reason(self) -> str | None:
-        """The reason its token fired with, or None if it has not fired."""
+    def move(self, state: JobState) -> bool:
+        """Put the job in `state` (see `_Counters.move`); False if it was abandoned."""
+        return counters.move(self, state)
 
     def fire(self, reason: str) -> None:
-        """Fire the job's token without blocking and without running user callbacks here."""
+        """Fire the job's token, once, without blocking and without running user
+        callbacks here."""
+        if self.reason is None:
+            self.reason = reason
+            self._cancel(reason)
+
+    # -- what each kind of job supplies ------------------------------------------------
+
+    def _cancel(self, reason: str) -> None:
+        """Tell the job's worker that its token fired."""
+        raise NotImplementedError
 
     async def wait(self, *, until_started: bool = False) -> None:
         """Return once the job has ended (or began, if `until_started`). Cancellable."""
+        raise NotImplementedError
 
     def interrupt(self) -> None:
-        """Raise `Cancelled` in the job's Python code, until it ends."""
+        """Raise `Cancelled` in the job's Python code, until it ends (with
+        `interrupt_after` only)."""
+        raise NotImplementedError
 
     def kill(self) -> None:
-        """Kill the worker; `wait` returns once it has been reaped."""
+        """Kill the worker (with `kill_after` only); `wait` returns once it is reaped."""
+        raise NotImplementedError
 
     def outcome(self) -> Outcome:
         """How the job ended; called once it has."""
+        raise NotImplementedError
 
     @property
     def stopped_by_cancel(self) -> bool:
-        """True if the job ended by raising `Cancelled` for its token, or was killed."""
+        """The job ended by raising `Cancelled` for the token this call fired, or its
+        worker was killed."""
+        raise NotImplementedError
 
     def result(self) -> Any:
         """The job's return value, or raise its error."""
+        raise NotImplementedError
+
+
+# -- what a cancel does to a job -----------------------------------------------------------
 
 
 def cancel_reason(job: Job) -> str:
@@ -126,10 +312,9 @@ def cancel_reason(job: Job) -> str:
 def record(job: Job) -> None:
     """Count the ended job in exactly one outcome; log it if it ran and was cancelled."""
     outcome = job.outcome()
-    counters.finished(job.kind, outcome, was_running=job.in_worker)
-    reason = job.reason
-    if reason is not None and outcome != "never_started":
-        log_cancelled(job.kind, outcome, job.func, reason)
+    counters.count(job.kind, outcome)
+    if job.reason is not None and outcome != "never_started":
+        _log_cancelled(job.kind, outcome, job.func, job.reason)
 
 
 async def deliver(job: Job) -> Any:
@@ -151,7 +336,7 @@ async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     job.fire(cancel_reason(job))
     await escalate(job)
     record(job)
-    if job.stopped_by_cancel or not job.started:
+    if job.stopped_by_cancel or not job.began:
         raise cancelled
     try:
         return job.result()  # nothing is lost: the value or error still comes back
@@ -165,9 +350,9 @@ def abandon(job: Job) -> None:
     Its token fires and it is counted abandoned now, not when its worker ends.
     """
     job.fire(cancel_reason(job))
-    # A worker has taken the job (it counts it as running, maybe a moment from now).
-    counters.finished(job.kind, "abandoned")
-    log_cancelled(job.kind, "abandoned", job.func, job.reason)
+    job.move(_ABANDONED)
+    counters.count(job.kind, "abandoned")
+    _log_cancelled(job.kind, "abandoned", job.func, job.reason)
 
 
 async def escalate(job: Job) -> None:
@@ -176,37 +361,41 @@ async def escalate(job: Job) -> None:
     The timers count from when the job's function began: a job cancelled before it began
     never starts, and the worker still loading it is left alone.
     """
-    if not job.started and not await _wait_shielded(job, None, until_started=True):
+    if not job.began and not await _wait_for_job(job, None, until_started=True):
         return  # pragma: no cover - an untimed wait always ends
     interrupt_after, kill_after = job.interrupt_after, job.kill_after
     first = interrupt_after if interrupt_after is not None else kill_after
-    if await _wait_shielded(job, first):
+    if await _wait_for_job(job, first):
         return
     if interrupt_after is not None:
         job.interrupt()
-        if await _wait_shielded(job, kill_after):
+        if await _wait_for_job(job, kill_after):
             return
     job.kill()
-    await _wait_shielded(job, None)
+    await _wait_for_job(job, None)
 
 
-async def _wait_shielded(
-    job: Job, timeout: float | None, *, until_started: bool = False
-) -> bool:
-    """Wait up to `timeout` seconds (None: for ever) for the job; True if it ended.
+async def _wait_for_job(job: Job, timeout: float | None, *, until_started: bool = False) -> bool:
+    """Wait up to `timeout` seconds (None: for ever) for the job; True if it ended."""
+    if job.ended or (until_started and job.began):
+        return True
+    return await wait_shielded(functools.partial(job.wait, until_started=until_started), timeout)
+
+
+async def wait_shielded(wait: Callable[[], Awaitable[object]], timeout: float | None) -> bool:
+    """``await wait()`` for up to `timeout` seconds (None: for ever); True if it returned.
 
     Shielded from the caller's cancellation, which is being handled. Plain asyncio's
     ``Task.cancel()`` gets through anyio shields; such a cancel is absorbed here, as
-    asyncio coalesces it with the one being handled.
+    asyncio coalesces it with the one being handled. `wait` must be safe to call again
+    after a cancellation.
     """
-    if job.ended or (until_started and job.started):
-        return True
     end = math.inf if timeout is None else anyio.current_time() + timeout
     with anyio.CancelScope(shield=True):
         while True:
             try:
                 with anyio.CancelScope(deadline=end):
-                    await job.wait(until_started=until_started)
+                    await wait()
                     return True
             except anyio.get_cancelled_exc_class():
                 pass
@@ -215,115 +404,7 @@ async def _wait_shielded(
     raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see the loop
 
 
-# -- from _stats --------------------------------------------------------------
-
-# How jobs ended: counts per outcome, and the ``bridgecancel`` logger.
-
-Outcome = Literal[
-    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
-]
-Kind = Literal["threads", "processes", "cluster"]
-_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
-
-logger: Final = logging.getLogger("bridgecancel")
-
-_OUTCOMES: Final = (
-    "completed", "cooperative", "interrupted", "killed", "abandoned", "crashed", "never_started"
-)
-
-
-@dataclass(frozen=True)
-class WorkerStatistics:
-    """Counts of finished jobs per outcome, and of jobs running now.
-
-    Attributes:
-        completed: jobs that ended without being cancelled.
-        cooperative: cancelled jobs whose worker stopped by itself (it raised
-            `Cancelled` or returned after the token fired).
-        interrupted: jobs stopped by raising `Cancelled` inside the worker.
-        killed: process jobs whose worker was killed.
-        abandoned: cancelled jobs left running (``abandon_on_cancel=True``), counted
-            when the caller leaves them.
-        crashed: process jobs whose worker died by itself (`BrokenWorkerError`).
-        never_started: jobs cancelled before their function began, which then never ran
-            (they cost their worker nothing).
-        running: jobs whose function is running in a worker right now.
-    """
-
-    completed: int
-    cooperative: int
-    interrupted: int
-    killed: int
-    abandoned: int
-    crashed: int
-    never_started: int
-    running: int
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """A snapshot of how bridgecancel's thread and process jobs ended."""
-
-    threads: WorkerStatistics
-    processes: WorkerStatistics
-    # Calls made with bridgecancel.dask: ``running`` counts calls not yet ended.
-    cluster: WorkerStatistics
-
-
-class _Counters:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[Kind, dict[str, int]] = {
-            kind: dict.fromkeys((*_OUTCOMES, "running"), 0)
-            for kind in ("threads", "processes", "cluster")
-        }
-
-    def started(self, kind: Kind) -> None:
-        with self._lock:
-            self._counts[kind]["running"] += 1
-
-    def finished(self, kind: Kind, outcome: Outcome, *, was_running: bool = True) -> None:
-        """Count an ended job; `was_running` if `started` counted it as running."""
-        with self._lock:
-            counts = self._counts[kind]
-            if was_running:
-                counts["running"] -= 1
-            counts[outcome] += 1
-
-    def snapshot(self) -> Statistics:
-        with self._lock:
-            return Statistics(
-                threads=WorkerStatistics(**self._counts["threads"]),
-                processes=WorkerStatistics(**self._counts["processes"]),
-                cluster=WorkerStatistics(**self._counts["cluster"]),
-            )
-
-
-counters: Final = _Counters()
-
-
-def statistics() -> Statistics:
-    """Return a frozen record of how thread and process jobs have ended so far."""
-    return counters.snapshot()
-
-
-def log_cancelled(kind: Kind, outcome: Outcome, func: object, reason: str | None) -> None:
-    """Log a cancelled job: DEBUG when it stopped by itself, WARNING when forced."""
-    level = logging.DEBUG if outcome in ("cooperative", "never_started") else logging.WARNING
-    if logger.isEnabledFor(level):
-        name = getattr(func, "__qualname__", None) or repr(func)
-        logger.log(
-            level, "%s job %s ended %s after cancel (reason: %s)",
-            _SINGULAR[kind], name, outcome, reason,
-        )
-
-
-# -- from _checks -------------------------------------------------------------
-
-# Checks of the arguments `run_sync` and `run_process` share, with errors that say what to do.
-#
-# A bad call fails here, before any worker or limiter token is touched, so it never breaks
-# a pool or another job.
+# -- checking a call -----------------------------------------------------------------------
 
 def check_call(
     api: str,
@@ -338,7 +419,7 @@ def check_call(
     Returns `interrupt_after` and `kill_after` as floats, or None for a stage that never
     comes (None or infinity).
     """
-    _check_func(api, func)
+    check_func(api, func)
     if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
         raise TypeError(
             f"{api}() takes limiter=anyio.CapacityLimiter(n) (or None for the default "
@@ -356,7 +437,8 @@ def check_call(
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
 
 
-def _check_func(api: str, func: object) -> None:
+def check_func(api: str, func: object) -> None:
+    """Refuse what is not a sync callable (an async function, an async generator function)."""
     if (
         type(func) is types.FunctionType
         and not func.__code__.co_flags & _ASYNC_FLAGS
@@ -373,8 +455,8 @@ def _check_func(api: str, func: object) -> None:
     for candidate in (func, target):
         if inspect.iscoroutinefunction(candidate):
             raise TypeError(
-                f"{describe(func)} is a coroutine function (async def): await it directly "
-                f"instead of passing it to {api}()"
+                f"{describe(func)} is an async function (a coroutine function, async def): "
+                f"await it directly instead of passing it to {api}()"
             )
         if inspect.isasyncgenfunction(candidate):
             raise TypeError(

@@ -1,7 +1,8 @@
 """`run_sync`: anyio's worker threads, with the caller's cancellation reaching the worker.
 
-This module says how a thread job (`_thread_job`) is run on each backend; `_supervise`
-decides what a cancellation does to it. The thread itself is always started by
+This module holds the thread job (what runs in the worker thread, and the `_supervise.Job`
+the caller sees) and how it is run on each backend; `_supervise` decides what a
+cancellation does to it. The thread itself is always started by
 ``anyio.to_thread.run_sync``, so everything anyio sets up in a worker
 (``anyio.from_thread.*``, contextvars, no current async library) stays as it is. The
 caller holds the limiter itself, with the job as borrower (so a nested call from
@@ -13,38 +14,41 @@ wait does not say:
   as an exception; the supervisor then fires the token and waits for the job.
 * trio: the thread runs with ``abandon_on_cancel=False`` (so ``from_thread.run`` keeps
   running inside the caller's cancel scopes) and a watcher task blocks in
-  ``trio.lowlevel.wait_task_rescheduled``; trio calls its abort hook the moment the
-  caller's scope is cancelled, and the hook fires the token.
+  ``trio.lowlevel.wait_task_rescheduled`` (`_backend.park_trio_task`); trio calls its abort
+  hook the moment the caller's scope is cancelled, and the hook fires the token.
+
+The trio and asyncio calls themselves are `_backend`'s; this module only composes them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import functools
 import inspect
-import sys
 import threading
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from . import _supervise as supervise
-from ._backend import on_trio, source_for_caller, threadsafe_caller
-from ._supervise import Outcome, check_call, counters
+from ._backend import (
+    new_cancel_scope,
+    on_trio,
+    park_trio_task,
+    source_for_caller,
+    spawn_system_task,
+    threadsafe_caller,
+)
+from ._supervise import INTERRUPT_RETRY, Job, JobKind, JobState, Outcome, check_call
 from ._tokens import Cancelled, CancelSource, _current
 from ._util import PosArgsT, Unpack, describe
 
-__all__ = (
-    "DONE",
-    "DROPPED",
-    "ThreadJob",
-    "UNLIMITED",
-    "run_sync",
-)
+if TYPE_CHECKING:
+    from ._interrupt import JobGuard
+
+__all__ = ("run_sync",)
 
 T = TypeVar("T")
 
@@ -123,12 +127,17 @@ async def run_sync(
             result = await _run_on_asyncio(job, limiter or _default_limiter())
         return result
     finally:
-        if job.drop_if_queued():  # the caller left before the job started: it never runs
-            counters.finished("threads", "never_started", was_running=False)
+        _drop_if_queued(job)
         job.source.close()
 
 
 _default_limiter: Final = anyio.to_thread.current_default_thread_limiter
+
+
+def _drop_if_queued(job: ThreadJob) -> None:
+    """The caller leaves: a job no worker has taken never runs (counted never_started)."""
+    if job.drop_if_queued():
+        supervise.record(job)
 
 
 async def _run_abandoning(job: ThreadJob, limiter: anyio.CapacityLimiter | None) -> Any:
@@ -137,25 +146,28 @@ async def _run_abandoning(job: ThreadJob, limiter: anyio.CapacityLimiter | None)
     except anyio.get_cancelled_exc_class() as exc:
         if job.exception is exc:  # the worker itself raised the backend's cancellation
             return await supervise.deliver(job)
-        if not job.drop_if_queued():
-            supervise.abandon(job)
+        if job.drop_if_queued():
+            supervise.record(job)
         else:
-            counters.finished("threads", "never_started", was_running=False)
+            supervise.abandon(job)
         raise
     except BaseException as exc:
-        if _not_the_jobs(job, exc):
+        if not _raised_by_job(job, exc):
+            _record_if_ended(job)
             raise
     return await supervise.deliver(job)
 
 
-def _not_the_jobs(job: ThreadJob, exc: BaseException) -> bool:
-    """True if `exc` is anyio's own error (or its form of the job's), not what the job
-    raised: the caller raises it as it is, after counting a job that ended."""
-    if job.exception is exc:
-        return False
-    if job.state == DONE:
+def _raised_by_job(job: ThreadJob, exc: BaseException) -> bool:
+    """Whether `exc` is what the job raised, rather than anyio's own error (or anyio's
+    form of the job's), which the caller raises as it is."""
+    return job.exception is exc
+
+
+def _record_if_ended(job: ThreadJob) -> None:
+    """Count a job that ended, when anyio's error is raised rather than its outcome."""
+    if job.state is _FINISHED or job.state is _DROPPED:
         supervise.record(job)
-    return True
 
 
 async def _acquire(job: ThreadJob, limiter: anyio.CapacityLimiter) -> None:
@@ -166,7 +178,7 @@ async def _acquire(job: ThreadJob, limiter: anyio.CapacityLimiter) -> None:
         await limiter.acquire_on_behalf_of(job)
 
 
-# -- asyncio ------------------------------------------------------------------------
+# -- asyncio -------------------------------------------------------------------------------
 
 
 async def _run_on_asyncio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
@@ -176,14 +188,15 @@ async def _run_on_asyncio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any
             value = await anyio.to_thread.run_sync(
                 job.run, abandon_on_cancel=True, limiter=UNLIMITED
             )
-        except asyncio.CancelledError as exc:
+        except anyio.get_cancelled_exc_class() as exc:
             if job.exception is exc:  # the worker itself raised CancelledError
                 return await supervise.deliver(job)
             # The caller was cancelled while the job was queued or running.
             job.drop_if_queued()
             return await supervise.deliver_cancelled(job, exc)
         except BaseException as exc:
-            if _not_the_jobs(job, exc):
+            if not _raised_by_job(job, exc):
+                _record_if_ended(job)
                 raise
             return await supervise.deliver(job)
         supervise.record(job)
@@ -192,34 +205,30 @@ async def _run_on_asyncio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any
         limiter.release_on_behalf_of(job)
 
 
-# -- trio ---------------------------------------------------------------------------
+# -- trio ----------------------------------------------------------------------------------
 
 
 class _TrioCall:
     """One thread call on trio, hosted by a system task while the caller waits.
 
-    The caller blocks in ``trio.lowlevel.wait_task_rescheduled``; trio calls its abort
-    hook the moment the caller's scope is cancelled. The hook cancels the host's scope
-    (so ``from_thread.run`` and ``from_thread.check_cancelled()`` in the worker see the
+    The caller is parked (`_backend.park_trio_task`); trio calls its abort hook the moment
+    the caller's scope is cancelled. The hook cancels the host's scope (so
+    ``from_thread.run`` and ``from_thread.check_cancelled()`` in the worker see the
     cancellation, as they would in the caller's scopes), fires the token, starts the
     escalation if asked for, and declines the abort: the caller waits on until the job
     has ended, so that a result returned after the cancel is kept. This costs one task
     and no nursery per call.
     """
 
-    __slots__ = ("caller", "failure", "job", "scope")
+    __slots__ = ("failure", "job", "scope")
 
-    def __init__(self, job: ThreadJob, scope: Any) -> None:
+    def __init__(self, job: ThreadJob) -> None:
         self.job = job
-        self.scope = scope
-        self.caller: Any = None
+        self.scope = new_cancel_scope()
         self.failure: BaseException | None = None
 
     async def run(self) -> Any:
-        lowlevel = sys.modules["trio"].lowlevel
-        self.caller = lowlevel.current_task()
-        lowlevel.spawn_system_task(self._host, context=contextvars.copy_context())
-        await lowlevel.wait_task_rescheduled(self._abort)
+        await park_trio_task(self._host, self._abort)
         failure, self.failure = self.failure, None
         if failure is not None:
             try:
@@ -227,21 +236,20 @@ class _TrioCall:
             finally:
                 del failure  # no cycle through this frame's traceback
         job = self.job
-        if job.state == DROPPED:  # the host's scope was cancelled before the thread
-            await anyio.sleep_forever()  # started: the caller's own cancellation, at once
+        if job.state is _DROPPED:  # the host's scope was cancelled before the thread
+            supervise.record(job)  # started: the caller's own cancellation, at once
+            await anyio.sleep_forever()
         if job.stopped_by_cancel:
             return await supervise.deliver(job)  # the caller's own cancellation
         supervise.record(job)
         return job.result()
 
-    def _abort(self, raise_cancel: object) -> Any:
-        lowlevel = sys.modules["trio"].lowlevel
+    def _abort(self) -> None:
         job = self.job
         self.scope.cancel()  # trio tells the worker's thread call at once, synchronously
         job.fire(supervise.cancel_reason(job))
         if job.interrupt_after is not None:
-            lowlevel.spawn_system_task(_escalate_shielded, job)
-        return lowlevel.Abort.FAILED
+            spawn_system_task(_escalate_shielded, job)
 
     async def _host(self) -> None:
         job = self.job
@@ -249,12 +257,11 @@ class _TrioCall:
             with self.scope:
                 await anyio.to_thread.run_sync(job.run, limiter=UNLIMITED)
         except BaseException as exc:  # a system task must not raise: hand it over
-            if _not_the_jobs(job, exc):
+            if not _raised_by_job(job, exc):
+                _record_if_ended(job)
                 self.failure = exc
         finally:
-            if job.drop_if_queued():  # the scope was cancelled before it reached a thread
-                counters.finished("threads", "never_started", was_running=False)
-            sys.modules["trio"].lowlevel.reschedule(self.caller)
+            job.drop_if_queued()  # the scope was cancelled before it reached a thread
 
 
 async def _escalate_shielded(job: ThreadJob) -> None:
@@ -265,27 +272,12 @@ async def _escalate_shielded(job: ThreadJob) -> None:
 async def _run_on_trio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
     await _acquire(job, limiter)
     try:
-        return await _TrioCall(job, sys.modules["trio"].CancelScope()).run()
+        return await _TrioCall(job).run()
     finally:
         limiter.release_on_behalf_of(job)
 
 
-# -- from _thread_job ---------------------------------------------------------
-
-# A thread job: what runs in the worker thread, and the `_supervise.Job` the caller sees.
-#
-# `_threads` starts it on anyio's worker threads; this module says how it starts, ends,
-# is dropped before it starts, and is signalled (its token fired, `Cancelled` raised in it).
-
-if TYPE_CHECKING:
-    from ._interrupt import JobGuard
-
-
-# Job states.
-QUEUED: Final = 0
-RUNNING: Final = 1
-DONE: Final = 2
-DROPPED: Final = 3  # the caller left before the job started: it never will
+# -- the thread job ------------------------------------------------------------------------
 
 
 class _Unlimited:
@@ -307,27 +299,26 @@ class _Unlimited:
 
 UNLIMITED: Final[Any] = _Unlimited()
 
+_QUEUED: Final = JobState.QUEUED
+_RUNNING: Final = JobState.RUNNING
+_FINISHED: Final = JobState.FINISHED
+_DROPPED: Final = JobState.DROPPED
 
-class ThreadJob:
+
+class ThreadJob(Job):
     """One call's job: runs in a worker thread; the `_supervise.Job` of a thread."""
 
-    kind: Final = "threads"
-    kill_after: Final = None  # a thread cannot be killed
+    kind: ClassVar[JobKind] = "threads"
 
     __slots__ = (
         "_claim",
         "_event",
+        "_wake",
         "args",
-        "began",
-        "done",
+        "ended_event",
         "exception",
-        "func",
         "guard",
-        "in_worker",
-        "interrupt_after",
-        "on_done",
         "source",
-        "state",
         "value",
     )
 
@@ -338,28 +329,25 @@ class ThreadJob:
         source: CancelSource,
         interrupt_after: float | None,
     ) -> None:
-        self.func = func
+        super().__init__(func, source._token._deadline, interrupt_after)
         self.args = args
         self.source = source
         # Whoever pops this first decides: the worker (the job starts) or the caller
         # (it never will). list.pop() is atomic, so the hot path takes no lock.
         self._claim = [None]
-        self.state = QUEUED
-        self.began = False
-        self.in_worker = False
         self.value: Any = None
         self.exception: BaseException | None = None
-        self.on_done: Callable[[], object] | None = None
+        # Set by `wait`: called (from the worker thread) once the job has ended.
+        self._wake: Callable[[], object] | None = None
         self._event: anyio.Event | None = None
         # Escalation, only when asked for: set up here so the hot path pays nothing.
-        self.interrupt_after = interrupt_after
         self.guard: JobGuard | None = None
-        self.done: threading.Event | None = None
+        self.ended_event: threading.Event | None = None  # for the interrupter thread
         if interrupt_after is not None:
             from ._interrupt import JobGuard  # ctypes, loaded only by those who use it
 
             self.guard = JobGuard(source.token)
-            self.done = threading.Event()
+            self.ended_event = threading.Event()
 
     # -- the worker thread's side -----------------------------------------------------
 
@@ -369,40 +357,41 @@ class ThreadJob:
             self._claim.pop()
         except IndexError:
             return None  # dropped: the caller has left
-        self.state = RUNNING
-        self.in_worker = True
-        counters.started("threads")
         token = self.source._token
         if token.cancel_called:  # cancelled before it began: it never does
             cancelled = Cancelled._create(token, token._reason)
-            self._end(None, cancelled)
+            self._end(_DROPPED, None, cancelled)
             raise cancelled
-        self.began = True
+        self.move(_RUNNING)
         _current.set(token)
+        func = self.func
         try:
             guard = self.guard
-            value = self.func(*self.args) if guard is None else guard.run(self.func, *self.args)
+            value = func(*self.args) if guard is None else guard.run(func, *self.args)
             if inspect.iscoroutine(value):
                 value.close()
                 raise TypeError(
-                    f"{describe(self.func)} returned a coroutine: it is async, so await it "
+                    f"{describe(func)} returned a coroutine: it is async, so await it "
                     "directly instead of passing it to run_sync()"
                 )
         except BaseException as exc:
-            self._end(None, exc)
+            self._end(_FINISHED, None, exc)
             raise
-        self._end(value, None)
+        self._end(_FINISHED, value, None)
         return value
 
-    def _end(self, value: Any, exception: BaseException | None) -> None:
+    def _end(self, state: JobState, value: Any, exception: BaseException | None) -> None:
         self.value = value
         self.exception = exception
-        self.state = DONE
-        if self.done is not None:
-            self.done.set()
-        on_done = self.on_done  # read after the state is set: see wait()
-        if on_done is not None:
-            on_done()
+        self.move(state)
+        self._announce_end()
+
+    def _announce_end(self) -> None:
+        if self.ended_event is not None:
+            self.ended_event.set()
+        wake = self._wake  # read after the state is set: see wait()
+        if wake is not None:
+            wake()
 
     # -- the caller's side: `_supervise.Job` ----------------------------------------------
 
@@ -415,62 +404,37 @@ class ThreadJob:
             claim.pop()
         except IndexError:  # the worker took it just now
             return False
-        self.state = DROPPED
-        if self.done is not None:
-            self.done.set()
-        if self.on_done is not None:
-            self.on_done()
+        self.move(_DROPPED)
+        self._announce_end()
         return True
 
-    @property
-    def deadline(self) -> float:
-        return self.source._token._deadline
-
-    @property
-    def started(self) -> bool:
-        return self.began
-
-    @property
-    def ended(self) -> bool:
-        return self.state >= DONE
-
-    @property
-    def reason(self) -> str | None:
-        token = self.source._token
-        return token._reason if token.cancel_called else None
-
-    def fire(self, reason: str) -> None:
+    def _cancel(self, reason: str) -> None:
         self.source._cancel_detached(reason)
 
     async def wait(self, *, until_started: bool = False) -> None:
-        if self.state >= DONE or (until_started and self.began):
+        if self.ended or (until_started and self.began):
             return
         event = self._event
         if event is None:
             event = self._event = anyio.Event()
-            self.on_done = functools.partial(threadsafe_caller(), event.set)
-            if self.state >= DONE:  # it ended before it could see on_done
+            self._wake = functools.partial(threadsafe_caller(), event.set)
+            if self.ended:  # it ended before it could see _wake
                 event.set()
         await event.wait()
 
     def interrupt(self) -> None:
         threading.Thread(
-            target=self._interrupt_until_done, name="bridgecancel interrupter", daemon=True
+            target=self._interrupt_until_ended, name="bridgecancel interrupter", daemon=True
         ).start()
 
-    def _interrupt_until_done(self) -> None:
-        """Raise `Cancelled` in the job, again every RETRY_INTERVAL if it swallows it."""
-        from ._interrupt import RETRY_INTERVAL
-
-        done, guard = self.done, self.guard
-        assert done is not None
+    def _interrupt_until_ended(self) -> None:
+        """Raise `Cancelled` in the job, again every INTERRUPT_RETRY if it swallows it."""
+        ended, guard = self.ended_event, self.guard
+        assert ended is not None
         assert guard is not None
-        while not done.is_set():
+        while not ended.is_set():
             guard.interrupt()
-            done.wait(RETRY_INTERVAL)
-
-    def kill(self) -> None:  # pragma: no cover - kill_after is None for threads
-        raise NotImplementedError("worker threads cannot be killed")
+            ended.wait(INTERRUPT_RETRY)
 
     def outcome(self) -> Outcome:
         if not self.began:

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import math
 import pickle
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -57,11 +56,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'bridgecancel[dask]'"
     ) from exc
 
-from ._backend import caller_deadline, cancel_requests, redeliver_asyncio_cancel, threadsafe_caller
+from . import _supervise as supervise
+from ._backend import caller_deadline, threadsafe_caller
 from ._dask_cluster import NOT_STARTED, Stopped, asyncio_loop, ensure_plugins, run_task
 from ._exceptions import BrokenWorkerError
-from ._supervise import Outcome, counters, log_cancelled
-from ._tokens import CALLER_CANCELLED, DEADLINE_REASON
+from ._supervise import Job, JobKind, JobState, Outcome
 from ._util import PosArgsT, Unpack, describe
 
 T = TypeVar("T")
@@ -75,7 +74,7 @@ _SUBMIT_OPTIONS: Final = frozenset(
 _CANCEL_TIMEOUT: Final = 10.0
 
 
-# -- the caller's side -------------------------------------------------------------------
+# -- the caller's side ---------------------------------------------------------------------
 
 
 async def run_on_cluster(
@@ -138,107 +137,138 @@ async def run_on_cluster(
         if _is_pickling_error(exc):
             raise pickle.PicklingError(_unpicklable_message(func, args, exc)) from exc
         raise
-    counters.started("cluster")
-    call = _Call(client, future, task_key, func)
+    job = _ClusterJob(client, future, task_key, func, deadline)
     try:
-        return await call.run()  # type: ignore[no-any-return]
+        try:
+            await job.wait()
+        except anyio.get_cancelled_exc_class() as exc:
+            return await supervise.deliver_cancelled(job, exc)  # type: ignore[no-any-return]
+        return await supervise.deliver(job)  # type: ignore[no-any-return]
     finally:
-        call.count()
+        if job.state is JobState.RUNNING:  # the caller left (its coroutine was closed)
+            supervise.abandon(job)
 
 
-class _Call:
-    """One call: wait for its task; on cancel, stop it and wait for it; deliver; count."""
+class _ClusterJob(Job):
+    """One call's task on the cluster: the `_supervise.Job` of a cluster call.
+
+    It is ``RUNNING`` from submission (the cluster has it; only the scheduler knows
+    whether a worker has begun it). Firing it asks the scheduler to cancel the call: if
+    the task has not started, it is marked so that it never does, and the job is
+    ``DROPPED`` at once; if it has, the scheduler forwards the cancel to the worker
+    running it, whose plugin fires the task's token, and the job ends when the task
+    does. Dask cannot interrupt or kill a task, so there is no escalation.
+    """
+
+    kind: ClassVar[JobKind] = "cluster"
+
+    __slots__ = ("_cancel_reply", "_changed", "_gathered", "client", "future", "key")
 
     def __init__(
-        self, client: distributed.Client, future: distributed.Future[Any], key: str, func: object
+        self,
+        client: distributed.Client,
+        future: distributed.Future[Any],
+        key: str,
+        func: Callable[..., Any],
+        deadline: float,
     ) -> None:
+        super().__init__(func, deadline)
         self.client = client
         self.future = future
         self.key = key
-        self.func = func
-        self.outcome: Outcome | None = "completed"  # None: it never started
-        self.reason: str | None = None
-        self.requests = 0  # asyncio cancellations pending when the caller was cancelled
-
-    async def run(self) -> Any:
+        self._changed = anyio.Event()  # set when a remote operation ends; then renewed
         # Dask's Client methods are untyped: call them through Any.
-        client: Any = self.client
-        future = self.future
-        deadline = anyio.current_effective_deadline()
-        gathered: _OnClientLoop[Any] = _OnClientLoop(
-            client, lambda: client.gather(future, asynchronous=True)
+        untyped: Any = client
+        self._gathered: _OnClientLoop[Any] = _OnClientLoop(
+            client, lambda: untyped.gather(future, asynchronous=True), self._poke
         )
-        try:
-            await gathered.wait()
-        except anyio.get_cancelled_exc_class() as exc:
-            cancelled, self.requests = exc, cancel_requests(exc)
-        else:
-            stopped, value = self._outcome(gathered)
-            if stopped is not None:
-                raise RuntimeError(
-                    f"the Dask task {self.key} was cancelled on its worker ({stopped}) "
-                    "but not by this call; was its future released or its client closed?"
-                )
-            return value
+        self._cancel_reply: _OnClientLoop[str] | None = None
+        self.move(_RUNNING)
 
-        self.reason = reason = (
-            DEADLINE_REASON if anyio.current_time() >= deadline else CALLER_CANCELLED
+    def _poke(self) -> None:
+        self._changed.set()
+
+    def _update(self) -> None:
+        """Move the job on from what its remote operations have answered."""
+        if self.ended:
+            return
+        reply = self._cancel_reply
+        if reply is not None:  # cancelled: the scheduler's answer decides first
+            if not reply.done:
+                return
+            try:
+                answer = reply.result()
+            except Exception:
+                answer = NOT_STARTED  # no answer from the scheduler: let Dask drop the task
+            if answer == NOT_STARTED:
+                self.move(_DROPPED)
+                # Dropping the future makes the gather end too (its outcome is ignored).
+                client: Any = self.client
+                _OnClientLoop(client, lambda: client.cancel(self.future, asynchronous=True))
+                return
+        if self._gathered.done:
+            self.move(_FINISHED)
+
+    async def wait(self, *, until_started: bool = False) -> None:
+        while True:
+            self._update()
+            if self.ended or (until_started and self.began):
+                return
+            await self._changed.wait()
+            self._changed = anyio.Event()
+
+    def _cancel(self, reason: str) -> None:
+        client, key = self.client, self.key
+        self._cancel_reply = _OnClientLoop(
+            client, lambda: _cancel_call(client, key, reason), self._poke
         )
-        self.outcome = "cooperative"
+
+    def outcome(self) -> Outcome:
+        if self.state is _DROPPED:
+            return "never_started"
+        if isinstance(self._error(), (BrokenWorkerError, distributed.KilledWorker)):
+            return "crashed"
+        if self.reason is not None:
+            return "cooperative"
+        return "completed"
+
+    def _error(self) -> BaseException | None:
+        future = self._gathered.future
+        return None if future.cancelled() else future.exception()
+
+    @property
+    def stopped_by_cancel(self) -> bool:
+        return (
+            self.reason is not None
+            and self._error() is None
+            and isinstance(self._gathered.result(), Stopped)
+        )
+
+    def result(self) -> Any:
         try:
-            reply = await _shielded(
-                _OnClientLoop(client, lambda: _cancel_call(client, self.key, reason))
+            value = self._gathered.result()
+        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+            # Never let Dask's cancellation pass for the caller's own.
+            raise RuntimeError(
+                f"the Dask future running {describe(self.func)} was cancelled outside "
+                "this call (was its client closed?)"
+            ) from exc
+        except distributed.KilledWorker as exc:  # allowed-failures was 0
+            raise BrokenWorkerError(
+                f"the Dask worker running {describe(self.func)} died: {exc}"
+            ) from exc
+        if isinstance(value, Stopped):
+            raise RuntimeError(
+                f"the Dask task {self.key} was cancelled on its worker "
+                f"({value.reason or 'cancelled'}) but not by this call; was its future "
+                "released or its client closed?"
             )
-        except Exception:
-            reply = NOT_STARTED  # no answer from the scheduler: let Dask drop the task
-        if reply == NOT_STARTED:
-            self.outcome = None
-            # Dropping the future makes the gather end too (its outcome is ignored).
-            _OnClientLoop(client, lambda: client.cancel(future, asynchronous=True))
-            raise cancelled
-        await _shielded(gathered, wait_only=True)
-        stopped, value = self._outcome(gathered, cancelled)
-        if stopped is not None:
-            raise cancelled
-        redeliver_asyncio_cancel(cancelled, self.requests)
         return value
 
-    def _outcome(
-        self, gathered: _OnClientLoop[Any], cancelled: BaseException | None = None
-    ) -> tuple[str | None, Any]:
-        """``(reason, None)`` if the task stopped for its token, else ``(None, value)``.
 
-        Raises the task's error (re-requesting the caller's cancellation first on
-        asyncio, so that it is delivered after the error is handled).
-        """
-        try:
-            value = gathered.result()
-        except BaseException as exc:
-            if cancelled is not None:
-                redeliver_asyncio_cancel(cancelled, self.requests)
-            if isinstance(exc, BrokenWorkerError):
-                self.outcome = "crashed"
-            elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
-                # Never let Dask's cancellation pass for the caller's own.
-                raise RuntimeError(
-                    f"the Dask future running {describe(self.func)} was cancelled outside "
-                    "this call (was its client closed?)"
-                ) from exc
-            elif isinstance(exc, distributed.KilledWorker):  # allowed-failures was 0
-                self.outcome = "crashed"
-                raise BrokenWorkerError(
-                    f"the Dask worker running {describe(self.func)} died: {exc}"
-                ) from exc
-            raise
-        if isinstance(value, Stopped):
-            return value.reason or "cancelled", None
-        return None, value
-
-    def count(self) -> None:
-        outcome = self.outcome or "never_started"
-        counters.finished("cluster", outcome)
-        if self.reason is not None:
-            log_cancelled("cluster", outcome, self.func, self.reason)
+_RUNNING: Final = JobState.RUNNING
+_FINISHED: Final = JobState.FINISHED
+_DROPPED: Final = JobState.DROPPED
 
 
 async def _cancel_call(client: distributed.Client, task_key: str, reason: str) -> str:
@@ -250,26 +280,31 @@ async def _cancel_call(client: distributed.Client, task_key: str, reason: str) -
 
 
 class _OnClientLoop(Generic[T]):
-    """A coroutine running on the client's event loop, awaited from the caller's loop.
+    """A coroutine running on the client's event loop, watched from the caller's loop.
 
     A synchronous Client runs its own asyncio loop in a thread; an asynchronous one
     runs on the caller's loop. Either way the coroutine is started with
-    ``run_coroutine_threadsafe`` and the caller's loop is woken when it is done, so
-    the same code serves asyncio and trio callers without holding a thread.
+    ``run_coroutine_threadsafe``, and `on_done` is called in the caller's loop when it is
+    done, so the same code serves asyncio and trio callers without holding a thread.
     """
 
-    def __init__(self, client: distributed.Client, make: Callable[[], Awaitable[T]]) -> None:
-        self.done = anyio.Event()
-        call_in_loop = threadsafe_caller()
-
+    def __init__(
+        self,
+        client: distributed.Client,
+        make: Callable[[], Awaitable[T]],
+        on_done: Callable[[], object] | None = None,
+    ) -> None:
         async def run() -> T:
             return await make()
 
         self.future = asyncio.run_coroutine_threadsafe(run(), asyncio_loop(client))
-        self.future.add_done_callback(lambda _: call_in_loop(self.done.set))
+        if on_done is not None:
+            call_in_loop = threadsafe_caller()
+            self.future.add_done_callback(lambda _: call_in_loop(on_done))
 
-    async def wait(self) -> None:
-        await self.done.wait()
+    @property
+    def done(self) -> bool:
+        return self.future.done()
 
     def result(self) -> T:
         return self.future.result()
@@ -281,22 +316,7 @@ def _dumps(obj: object) -> bytes:
     return data
 
 
-async def _shielded(remote: _OnClientLoop[T], *, wait_only: bool = False) -> T | None:
-    """Wait for `remote` however the caller is cancelled meanwhile.
-
-    Plain asyncio's ``Task.cancel()`` gets through anyio shields; such a cancel is
-    absorbed here, as asyncio would coalesce it with the one being handled.
-    """
-    with anyio.CancelScope(shield=True):
-        while not remote.done.is_set():
-            try:
-                await remote.wait()
-            except anyio.get_cancelled_exc_class():
-                continue
-    return None if wait_only else remote.result()
-
-
-# -- checking a call ---------------------------------------------------------------------
+# -- checking a call -----------------------------------------------------------------------
 
 
 def _check_call(
@@ -316,13 +336,7 @@ def _check_call(
             f"the Dask client {client.id} is not connected (status {client.status!r}); "
             "await an asynchronous Client before use"
         )
-    if not callable(func):
-        raise TypeError(f"run_on_cluster() needs a callable to run, got {func!r}")
-    if inspect.iscoroutinefunction(func):
-        raise TypeError(
-            f"{describe(func)} is an async function: Dask runs sync functions; "
-            "await it directly instead"
-        )
+    supervise.check_func("run_on_cluster", func)
     if key is not None and not isinstance(key, str):
         raise TypeError(f"key must be a str or None, got {key!r}")
     unknown = sorted(set(options) - _SUBMIT_OPTIONS)

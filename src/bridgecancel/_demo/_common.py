@@ -16,7 +16,7 @@ import anyio.to_process
 import anyio.to_thread
 
 from .._process._run import run_process
-from .._supervise import WorkerStatistics, statistics
+from .._supervise import JobStatistics, statistics
 from .._threads import run_sync
 from ._work import ended_at, started
 
@@ -109,11 +109,11 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def _moved(before: WorkerStatistics, after: WorkerStatistics) -> str:
+def _moved(before: JobStatistics, after: JobStatistics) -> str:
     """The outcome counters that moved between two snapshots."""
     moved = [
         f.name
-        for f in fields(WorkerStatistics)
+        for f in fields(JobStatistics)
         if f.name != "running" and getattr(after, f.name) > getattr(before, f.name)
     ]
     return ", ".join(moved) or "no outcome counted"

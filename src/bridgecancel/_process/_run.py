@@ -1,10 +1,10 @@
 """`run_process`: run a sync function in a pooled worker process, with a real token.
 
-The pieces: `_proc_pool` starts and keeps worker processes, `_worker` is the process
-side, `_proc_wire` the bytes between them, `_proc_pickle` pickles a job before a worker
-is used, and `_supervise` holds the cancel, escalate, deliver and count logic shared with
-the thread bridge. This module validates a call, picks a worker, and says how a process
-job is signalled and stopped and what came back.
+The pieces of the process side: `_pool` starts and keeps worker processes, `_child` is
+the worker's own main loop, `_wire` the bytes between them; `_supervise` holds the
+cancel, escalate, deliver and count logic shared with the thread bridge. This module
+checks a call, pickles the job before any worker is used, picks a worker, and says how a
+process job is signalled and stopped and what came back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar, checkpoint_if_cancelled
@@ -22,7 +22,15 @@ from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 from .. import _supervise as supervise
 from .._backend import caller_deadline
 from .._exceptions import BrokenWorkerError, RemoteTraceback
-from .._supervise import Outcome, check_call, counters
+from .._supervise import (
+    DEFAULT_INTERRUPT_AFTER,
+    DEFAULT_KILL_AFTER,
+    Job,
+    JobKind,
+    JobState,
+    Outcome,
+    check_call,
+)
 from .._tokens import Cancelled
 from .._util import PosArgsT, Unpack, describe
 from . import _wire as wire
@@ -39,12 +47,6 @@ __all__ = (
 )
 
 T = TypeVar("T")
-
-DEFAULT_INTERRUPT_AFTER: Final = 1.0
-"""Seconds from the cancel to raising `Cancelled` inside a worker that ignores its token."""
-
-DEFAULT_KILL_AFTER: Final = 2.0
-"""Seconds from the interrupt to killing a worker that is still running."""
 
 _default_limiter: RunVar[anyio.CapacityLimiter] = RunVar("bridgecancel_process_limiter")
 
@@ -174,13 +176,15 @@ async def _run_in_worker(
             return await supervise.deliver_cancelled(job, exc)
         return await supervise.deliver(job)
     finally:
-        job.release()
+        job.return_worker()
 
 
-class _ProcessJob:
+class _ProcessJob(Job):
     """One job in one worker process: the `_supervise.Job` of a process."""
 
-    kind: Final = "processes"
+    kind: ClassVar[JobKind] = "processes"
+
+    __slots__ = ("_exiting", "interrupted", "job_id", "message", "returncode", "worker")
 
     def __init__(
         self,
@@ -190,41 +194,25 @@ class _ProcessJob:
         kill_after: float | None,
         deadline: float,
     ) -> None:
+        super().__init__(func, deadline, interrupt_after, kill_after)
         self.worker = worker
-        self.deadline = deadline
         self.job_id = worker.next_job_id()
-        self.func = func
-        self.interrupt_after = interrupt_after
-        self.kill_after = kill_after
-        self.in_worker = False  # STARTED arrived: its function began
-        self.message: tuple[int, bytes] | None = None  # the final (kind, payload)
+        self.message: tuple[int, bytes] | None = None  # the final (tag, payload)
         self.returncode: int | None = None  # set if the worker died during the job
         self.interrupted = False
-        self._reason: str | None = None
         self._exiting = False  # the worker's result pipe closed: it is exiting
 
-    @property
-    def started(self) -> bool:
-        return self.in_worker
-
-    @property
-    def ended(self) -> bool:
-        return self.returncode is not None or (self.message is not None and not self.worker.killed)
-
-    @property
-    def reason(self) -> str | None:
-        message = self.message
-        if self._reason is None and message is not None and message[0] == wire.CANCELLED:
-            return message[1].decode("utf-8", "replace") or None  # its token fired there
-        return self._reason
+    def _ended_as(self) -> JobState:
+        return _FINISHED if self.began else _DROPPED
 
     async def wait(self, *, until_started: bool = False) -> None:
         worker = self.worker
         while not self.ended:
-            if until_started and self.in_worker:
+            if until_started and self.began:
                 return
             if self._exiting:
                 self.returncode = await worker.wait_exit()
+                self.move(self._ended_as())
                 continue
             received = await worker.receive()
             if received is None:
@@ -232,16 +220,15 @@ class _ProcessJob:
                 worker.kill_group()  # the worker is gone; so are children it left
             elif received[0] == self.job_id:
                 if received[1] == wire.STARTED:
-                    self.in_worker = True
-                    counters.started("processes")
+                    self.move(_RUNNING)
                 else:
                     self.message = (received[1], received[2])
+                    if not worker.killed:  # a killed worker has ended once it is reaped
+                        self.move(self._ended_as())
 
-    def fire(self, reason: str) -> None:
+    def _cancel(self, reason: str) -> None:
         # A write to a pipe: no user code runs here (on_cancel runs in the worker).
-        if self._reason is None:
-            self._reason = reason
-            self.worker.control(wire.CANCEL, self.job_id, reason)
+        self.worker.control(wire.CANCEL, self.job_id, reason)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -255,11 +242,11 @@ class _ProcessJob:
             return "killed"
         if self.returncode is not None:
             return "crashed"
-        if not self.in_worker:
+        if not self.began:
             return "never_started"
         if self.interrupted:
             return "interrupted"
-        if self._reason is not None or self.stopped_by_cancel:
+        if self.reason is not None or self.stopped_by_cancel:
             return "cooperative"
         return "completed"
 
@@ -269,12 +256,13 @@ class _ProcessJob:
             return self.message[0] == wire.CANCELLED
         return self.worker.killed
 
-    def release(self) -> None:
+    def return_worker(self) -> None:
         """Hand the worker back, on, or away, once the call is over."""
         worker = self.worker
         if not self.ended:  # the caller left before the job ended (the coroutine closed)
             pool.retire(worker, kill=True)
-            counters.finished("processes", "killed", was_running=self.in_worker)
+            self.move(self._ended_as())
+            supervise.counters.count("processes", "killed")
         elif self.returncode is not None:
             pool.discard(worker)  # reaped already
         elif self.interrupted or worker.killed:
@@ -286,17 +274,22 @@ class _ProcessJob:
         if self.message is None:
             assert self.returncode is not None
             raise _broken_worker(self.worker.pid, self.returncode, self.func)
-        kind, body = self.message
-        if kind == wire.RETURNED:
+        tag, body = self.message
+        if tag == wire.RETURNED:
             return _load(body, f"the result of {describe(self.func)}")
-        if kind == wire.RAISED:
+        if tag == wire.RAISED:
             error, tb_text = _load(body, f"the error raised by {describe(self.func)}")
             raise error from RemoteTraceback(tb_text)
-        if kind == wire.CANCELLED:
+        if tag == wire.CANCELLED:
             raise Cancelled._create(None, body.decode("utf-8", "replace") or None)
-        if kind == wire.LOAD_FAILED:
+        if tag == wire.LOAD_FAILED:
             raise pickle.UnpicklingError(body.decode("utf-8", "replace"))
         raise pickle.PicklingError(body.decode("utf-8", "replace"))
+
+
+_RUNNING: Final = JobState.RUNNING
+_FINISHED: Final = JobState.FINISHED
+_DROPPED: Final = JobState.DROPPED
 
 
 def _load(body: bytes, what: str) -> Any:
@@ -336,12 +329,11 @@ def _broken_worker(pid: int, returncode: int, func: Callable[..., object]) -> Br
     )
 
 
-# -- from _proc_pickle --------------------------------------------------------
-
-# Pickling a `run_process` job in the caller, before any worker is used.
+# -- pickling a job in the caller, before any worker is used -------------------------------
 #
 # So that a function or argument that cannot be sent fails the call at once, with a
 # message naming the culprit and what to do, and never costs a worker.
+
 
 def check_not_loading_main() -> None:
     worker = sys.modules.get("bridgecancel._process._child")
