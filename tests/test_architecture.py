@@ -320,6 +320,21 @@ def test_a_worker_process_loads_only_stdlib_only_modules() -> None:
     assert loaded <= STDLIB_ONLY, f"a worker process loads {sorted(loaded - STDLIB_ONLY)}"
 
 
+def test_the_parent_reaches_the_worker_process_only_through_pipes() -> None:
+    # The pool starts `_process._child` by name in a new interpreter; no module imports it.
+    assert not [name for name in MODULES if "_process._child" in _edges(name)]
+
+
+def test_only_the_cluster_modules_import_dask() -> None:
+    importers = {
+        name
+        for name in MODULES
+        for imported in _imports(name)
+        if imported.split(".")[0] in ("dask", "distributed")
+    }
+    assert importers == {"dask", "_dask_cluster", "_demo.cluster"}
+
+
 def test_the_packages_a_worker_may_load_are_empty() -> None:
     # `_process/__init__.py` runs in every worker before `_child`; `_demo/__init__.py` runs
     # in a worker that unpickles a demo job. Neither may load anything.
