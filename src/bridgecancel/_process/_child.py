@@ -85,10 +85,10 @@ def _listen(ctl_fd: int) -> None:
             record = _read_control(ctl_fd)
             if record is None:
                 _parent_gone()
-            kind, job_id, reason = record
-            if kind == wire.CANCEL:
+            tag, job_id, reason = record
+            if tag == wire.CANCEL:
                 _cancel(job_id, reason)
-            elif kind == wire.INTERRUPT:
+            elif tag == wire.INTERRUPT:
                 _interrupt(job_id)
     except BaseException as exc:
         # Without this thread nobody would notice the parent dying: never outlive it.
@@ -96,18 +96,18 @@ def _listen(ctl_fd: int) -> None:
 
 
 def _read_control(ctl_fd: int) -> tuple[int, int, str | None] | None:
-    """The next ``(kind, job id, reason)`` record; None once the parent is gone."""
+    """The next ``(tag, job id, reason)`` record; None once the parent is gone."""
     try:
         head = wire.read_exact(ctl_fd, wire.CONTROL_HEADER.size)
         if head is None:
             return None
-        kind, job_id, length = wire.CONTROL_HEADER.unpack(head)
+        tag, job_id, length = wire.CONTROL_HEADER.unpack(head)
         data = wire.read_exact(ctl_fd, length)
     except OSError:
         return None
     if data is None:
         return None
-    return kind, job_id, data.decode("utf-8", "replace") or None
+    return tag, job_id, data.decode("utf-8", "replace") or None
 
 
 def _cancel(job_id: int, reason: str | None) -> None:
@@ -350,11 +350,11 @@ def _serve() -> None:
         if message is None:
             return
         job_id, deadline, payload = message
-        kind, body = _run(job_id, deadline, payload, source)
+        tag, body = _run(job_id, deadline, payload, source)
         del payload
         _flush_stdio()
         try:
-            wire.write_all(res_fd, wire.result_message(kind, job_id, body))
+            wire.write_all(res_fd, wire.result_message(tag, job_id, body))
         except BrokenPipeError:
             return
         with _state.lock:
@@ -374,7 +374,7 @@ def _close_all(fds: tuple[int, ...]) -> None:
 # What a job's outcome becomes on the results pipe, whatever the job returned or raised.
 #
 # Part of the worker process: standard library only. Each function here returns a
-# ``(kind, payload)`` pair for `_proc_wire.result_message`, and turns whatever an odd
+# ``(tag, payload)`` pair for `_proc_wire.result_message`, and turns whatever an odd
 # result or error does into a clear message for the call rather than a dead worker.
 
 def returned(func: object, result: object) -> tuple[int, bytes]:

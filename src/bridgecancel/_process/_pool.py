@@ -323,7 +323,7 @@ class WorkerProcess:
             view = self.send_nowait(view)
 
     async def receive(self) -> tuple[int, int, bytes] | None:
-        """The next ``(job id, kind, payload)`` from the worker; None once it has exited.
+        """The next ``(job id, tag, payload)`` from the worker; None once it has exited.
 
         Cancellable, and safe to call again after a cancel: a partly read message stays
         in the buffer.
@@ -333,12 +333,12 @@ class WorkerProcess:
         while True:
             need = size
             if len(buf) >= size:
-                length, job_id, kind = wire.RESULT_HEADER.unpack_from(buf)
+                length, job_id, tag = wire.RESULT_HEADER.unpack_from(buf)
                 need = size + length
                 if len(buf) >= need:
                     payload = bytes(buf[size:need])
                     del buf[:need]
-                    return job_id, kind, payload
+                    return job_id, tag, payload
             # Wait first: right after a job is sent, a read would only fail with EAGAIN.
             await anyio.wait_readable(self._res_r)
             try:
@@ -349,10 +349,10 @@ class WorkerProcess:
                 return None
             buf += chunk
 
-    def control(self, kind: int, job_id: int, reason: str | None = None) -> None:
+    def control(self, tag: int, job_id: int, reason: str | None = None) -> None:
         """Send a cancel or interrupt record; best effort (a dead worker needs neither)."""
         try:
-            os.write(self._ctl_w, wire.control_record(kind, job_id, reason))
+            os.write(self._ctl_w, wire.control_record(tag, job_id, reason))
         except OSError:  # a full pipe (a wedged worker) or a dead one
             pass
 
