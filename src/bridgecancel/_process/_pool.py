@@ -109,7 +109,7 @@ class Pool:
             self._discard_locked(worker)
 
     def _discard_locked(self, worker: WorkerProcess) -> None:
-        worker.release()
+        worker.close_descriptors()
         self._all.discard(worker)
 
     # -- the reaper thread -------------------------------------------------------------
@@ -201,7 +201,7 @@ class Pool:
             worker.wait_exited_blocking(max(0.0, deadline - time.monotonic()))
             worker.kill_group()
             worker.reap_blocking(5.0)
-            worker.release()
+            worker.close_descriptors()
 
     def after_fork_in_child(self) -> None:
         """A fork of the parent must not hold the workers' pipes (their watchdogs use EOF)."""
@@ -390,7 +390,7 @@ class WorkerProcess:
         """Close the job and control pipes: an idle worker exits, a busy one kills itself."""
         self._close("_job_w", "_ctl_w")
 
-    def release(self) -> None:
+    def close_descriptors(self) -> None:
         """Close every descriptor; call once the worker has been reaped."""
         self._close("_job_w", "_ctl_w", "_res_r", "_pidfd")
 
@@ -404,7 +404,7 @@ class WorkerProcess:
 
     def forget_after_fork(self) -> None:
         """In a forked child of the parent: drop the parent's ends without reaping."""
-        self.release()
+        self.close_descriptors()
         # This process is not the worker's parent; keep Popen from warning or waiting.
         self._proc.returncode = 0
 
