@@ -54,30 +54,31 @@ PosArgsT = TypeVarTuple("PosArgsT")
 # The one check of a number of seconds (and of a deadline), for every argument.
 #
 # One rule for infinity everywhere: `math.inf` is accepted and returned as itself (no
-# limit); a caller for which it means "never" maps it. NaN, bools and non-numbers are
+# limit); an API for which it means "never" maps it. NaN, bools and non-numbers are
 # refused with a message naming the call and the argument. Standard library only.
 
 def check_seconds(
-    value: object, caller: str, name: str, *, none: str = "", negative: bool = False
+    value: object, api: str, name: str, *, none: str = "", negative: bool = False
 ) -> float:
-    """`value` as a float number of seconds, for argument `name` of ``caller()``.
+    """`value` as a float number of seconds, for argument `name` of ``api()``.
 
     Args:
-        none: what None means for this argument (say "to skip that stage"), if the
-            caller takes None; messages then offer it. The caller handles None itself.
+        api: the public function whose argument this is, named in the messages.
+        none: what None means for this argument (say "to skip that stage"), if `api`
+            takes None; messages then offer it. Handle None before calling this.
         negative: accept negative numbers (a deadline already passed), not just >= 0.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         alternative = " or None" if none else ""
         raise TypeError(
-            f"{caller}() {name} must be a number of seconds{alternative}, got {value!r}"
+            f"{api}() {name} must be a number of seconds{alternative}, got {value!r}"
         )
     if math.isnan(value) or (value < 0 and not negative):
         kind = "number" if negative else "non-negative number"
         alternative = f" (or None {none})" if none else ""
         got = "NaN (math.inf means no limit)" if math.isnan(value) else repr(value)
         raise ValueError(
-            f"{caller}() {name} must be a {kind} of seconds{alternative}, got {got}"
+            f"{api}() {name} must be a {kind} of seconds{alternative}, got {got}"
         )
     return float(value)
 
