@@ -74,11 +74,11 @@ def check_seconds(
             f"{api}() {name} must be a number of seconds{alternative}, got {value!r}"
         )
     if math.isnan(value) or (value < 0 and not negative):
-        kind = "number" if negative else "non-negative number"
+        wanted = "number" if negative else "non-negative number"
         alternative = f" (or None {none})" if none else ""
         got = "NaN (math.inf means no limit)" if math.isnan(value) else repr(value)
         raise ValueError(
-            f"{api}() {name} must be a {kind} of seconds{alternative}, got {got}"
+            f"{api}() {name} must be a {wanted} of seconds{alternative}, got {got}"
         )
     return float(value)
 
