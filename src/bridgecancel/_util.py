@@ -21,6 +21,7 @@ __all__ = (
     "check_deadline",
     "check_seconds",
     "describe",
+    "describe_error",
     "open_pidfd",
 )
 
@@ -31,6 +32,15 @@ def describe(func: object) -> str:
         return repr(func)
     module = getattr(func, "__module__", None)
     return f"{module}.{name}()" if module else f"{name}()"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for an error in a message, even one whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except BaseException as error:
+        text = f"<str() failed with {type(error).__qualname__}>"
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
 # -- from _compat -------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, Final, NoReturn
 
 from .._timer import report_unraisable
 from .._tokens import Cancelled, CancelSource, CancelToken, _current
-from .._util import describe
+from .._util import describe, describe_error
 from . import _wire as wire
 
 __all__ = (
@@ -395,7 +395,7 @@ def returned(func: object, result: object) -> tuple[int, bytes]:
     except Exception as exc:
         return wire.SEND_FAILED, (
             f"the result of {describe(func)}, a {type(result).__qualname__}, could not be "
-            f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
+            f"pickled to send it back ({describe_error(exc)}); return "
             "something picklable (plain data, or a class defined at module level)"
         ).encode()
 
@@ -422,15 +422,6 @@ def raised(func: object, exc: BaseException) -> tuple[int, bytes]:
             f"Remote traceback:\n{tb_text}"
         ).encode("utf-8", "replace")
     return wire.RAISED, data
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` for an error, even one whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except BaseException as error:
-        text = f"<str() failed with {type(error).__qualname__}>"
-    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
 def reason_bytes(token: CancelToken) -> bytes:

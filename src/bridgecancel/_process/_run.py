@@ -24,7 +24,7 @@ from .._backend import caller_deadline
 from .._exceptions import BrokenWorkerError, RemoteTraceback
 from .._supervise import Outcome, check_call, counters
 from .._tokens import Cancelled
-from .._util import PosArgsT, Unpack, describe
+from .._util import PosArgsT, Unpack, describe, describe_error
 from . import _wire as wire
 from ._pool import WorkerProcess, main_is_loadable, pool
 
@@ -384,7 +384,7 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
     except Exception as exc:
         return (
             f"cannot send {describe(func)} to a worker process: pickling it failed "
-            f"({wire.describe_pickling_error(exc)}); define it at module level (lambdas, "
+            f"({describe_error(exc)}); define it at module level (lambdas, "
             f"closures and nested functions cannot be pickled by name){fix}"
         )
     for index, arg in enumerate(args):
@@ -394,7 +394,7 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
             return (
                 f"cannot send argument {index} of {describe(func)}, a "
                 f"{type(arg).__qualname__}, to a worker process: pickling it failed "
-                f"({wire.describe_pickling_error(exc)}); pass picklable data (locks, "
+                f"({describe_error(exc)}); pass picklable data (locks, "
                 "open files, sockets and generators cannot be pickled)"
             )
     return f"cannot pickle the call {describe(func)} to send it to a worker process"

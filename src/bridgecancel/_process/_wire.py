@@ -73,11 +73,6 @@ def dumps(obj: object) -> bytes:
         return data
 
 
-def describe_pickling_error(exc: BaseException) -> str:
-    """One line on why pickling failed, for messages that then say what to do."""
-    return f"{type(exc).__name__}: {exc}"
-
-
 def read_exact(fd: int, n: int) -> bytes | None:
     """Read exactly `n` bytes from a blocking descriptor; None at end of file."""
     if n == 0:
