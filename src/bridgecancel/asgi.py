@@ -32,6 +32,7 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 
 import anyio
 
+from ._backend import on_trio
 from ._threads import run_sync
 from ._util import check_seconds
 
@@ -172,12 +173,6 @@ def _run_watched(app_call: Awaitable[None], exchange: _Exchange) -> Generator[An
             sent, thrown = None, exc
 
 
-def _on_trio() -> bool:
-    """True in a trio task (without importing trio to find out)."""
-    trio = sys.modules.get("trio")
-    return trio is not None and bool(trio.lowlevel.in_trio_task())
-
-
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
@@ -207,7 +202,7 @@ class _Exchange:
         self._server_send = send
         self._max_buffered = max_buffered
         self._held: deque[_Message] = deque()
-        self._on_trio = _on_trio()
+        self._on_trio = on_trio()
         self._timeout = timeout
         # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
         self.app_scope: Any = (
