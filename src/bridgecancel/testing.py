@@ -4,13 +4,16 @@
   running bridgecancel job or a child process behind.
 * `assert_cancels_within`: a context manager (``with`` or ``async with``) that cancels
   the block and fails unless it stops within the given number of seconds.
-* A pytest plugin, opt-in as anyio's is: it is loaded by ``-p bridgecancel.testing`` (or
-  ``pytest_plugins = ["bridgecancel.testing"]`` in a conftest) and provides the fixture
-  ``no_leaked_workers``, which nothing uses unless a test asks for it (by name, with
-  ``@pytest.mark.usefixtures``, or for every test with pytest's ``usefixtures`` setting),
-  and the setting ``bridgecancel_leak_settle`` (seconds to wait for stragglers; 5).
+* A pytest plugin named ``bridgecancel.testing``, opt-in as anyio's is: installing
+  bridgecancel registers it (a ``pytest11`` entry point); where entry points are not
+  loaded, ``-p bridgecancel.testing`` or ``pytest_plugins = ["bridgecancel.testing"]`` in
+  a conftest loads it. It provides the fixture ``no_leaked_workers``, which nothing uses
+  unless a test asks for it (by name, with ``@pytest.mark.usefixtures``, or for every test
+  with pytest's ``usefixtures`` setting), and the setting ``bridgecancel_leak_settle``
+  (seconds to wait for stragglers; 5).
 
-This module imports pytest only when pytest loads it as a plugin.
+This module imports no pytest: the plugin lives in ``bridgecancel._pytest_plugin``, which
+pytest loads when it loads this module as a plugin (see `pytest_plugins` below).
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ __all__ = (
     "assert_cancels_within",
     "check_no_leaks",
 )
+
+# The installed entry point loads the plugin module itself. Where pytest loads this module
+# as a plugin instead (``-p`` or a conftest's pytest_plugins with no installed entry point
+# of that name, or on pytest 8, which looks a conftest's names up as modules), it loads
+# the plugin modules named here too. A name, not an import: the plugin imports this
+# module, and this module never imports pytest.
+pytest_plugins: Final = ("bridgecancel._pytest_plugin",)
 
 IDLE_THREAD_PREFIXES: Final = ("Trio thread", "AnyIO worker thread", "bridgecancel idle")
 """Names of threads that pools keep on purpose while idle (they retire on their own)."""
@@ -196,19 +206,3 @@ class assert_cancels_within:
         self._check()
         return swallowed
 
-
-def pytest_addoption(parser: Any) -> None:
-    """pytest hook: the ``bridgecancel_leak_settle`` setting of ``no_leaked_workers``."""
-    parser.addini(
-        "bridgecancel_leak_settle",
-        "seconds the no_leaked_workers fixture waits for threads and processes to end",
-        default="5",
-    )
-
-
-def pytest_configure(config: Any) -> None:
-    """pytest hook: register the fixtures (non-autouse) when pytest loads this plugin."""
-    from . import _pytest_plugin as _pytest_fixtures
-
-    if not config.pluginmanager.is_registered(_pytest_fixtures):
-        config.pluginmanager.register(_pytest_fixtures, "bridgecancel.testing fixtures")
