@@ -323,12 +323,13 @@ def test_the_plugin_provides_the_fixture_and_applies_nothing_unasked(
     assert "LeakError: left behind: threads" in out
 
 
-def test_importing_testing_loads_neither_pytest_nor_the_plugin() -> None:
-    # The plugin imports bridgecancel.testing, never the other way round.
+def test_importing_testing_loads_neither_pytest_nor_the_plugin_nor_the_process_pool() -> None:
+    # The plugin imports bridgecancel.testing, never the other way round; idle_worker_pids
+    # loads the process pool only when called.
     code = (
         "import sys, bridgecancel.testing\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')"
-        " or m == 'bridgecancel._pytest_plugin'))"
+        " or m in ('bridgecancel._pytest_plugin', 'bridgecancel._process._pool')))"
     )
     out = subprocess.run(
         [PY, "-c", code], capture_output=True, text=True, check=True, timeout=60

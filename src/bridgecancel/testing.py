@@ -4,6 +4,8 @@
   running bridgecancel job or a child process behind.
 * `assert_cancels_within`: a context manager (``with`` or ``async with``) that cancels
   the block and fails unless it stops within the given number of seconds.
+* `idle_worker_pids`: the process ids of the idle pooled worker processes, which outlive
+  calls on purpose, for leak checks of your own.
 * A pytest plugin named ``bridgecancel.testing``, opt-in as anyio's is: installing
   bridgecancel registers it (a ``pytest11`` entry point); where entry points are not
   loaded, ``-p bridgecancel.testing`` or ``pytest_plugins = ["bridgecancel.testing"]`` in
@@ -36,6 +38,7 @@ __all__ = (
     "LeakError",
     "assert_cancels_within",
     "check_no_leaks",
+    "idle_worker_pids",
 )
 
 # The installed entry point loads the plugin module itself. Where pytest loads this module
@@ -63,10 +66,17 @@ def _child_pids() -> set[int]:
     return {p.pid for p in all_processes() or [] if p.ppid == me}
 
 
-def _idle_worker_pids() -> set[int]:
-    from ._process._run import idle_worker_pids  # only now: it loads the process machinery
+def idle_worker_pids() -> set[int]:
+    """The process ids of bridgecancel's idle pooled worker processes, as a new set.
 
-    return set(idle_worker_pids())
+    Idle workers outlive the calls that used them on purpose (the next `run_process` gets
+    a warm one) until their idle timeout or interpreter exit; they are the child
+    processes a leak check should allow, as `check_no_leaks` does. Workers running a
+    job are not idle, and not listed.
+    """
+    from ._process._pool import pool  # only now: it loads the process machinery
+
+    return pool.idle_pids()
 
 
 def _running_jobs() -> int:
@@ -107,7 +117,7 @@ def check_no_leaks(*, settle: float = 5.0, ignore_threads: Iterable[str] = ()) -
             found.append(f"threads {threads}")
         pids = _child_pids() - pids_before
         if pids:
-            pids -= _idle_worker_pids()
+            pids -= idle_worker_pids()
         if pids:
             found.append(f"child processes {sorted(pids)}")
         return found
