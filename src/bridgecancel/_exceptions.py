@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 __all__ = (
     "BrokenWorkerError",
     "RemoteTraceback",
 )
-
-if TYPE_CHECKING:
-    pass
-
-
-
-
-
-
-
 
 
 class BrokenWorkerError(RuntimeError):

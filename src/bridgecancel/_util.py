@@ -25,6 +25,7 @@ __all__ = (
     "open_pidfd",
 )
 
+
 def describe(func: object) -> str:
     """``module.qualname()`` for a function, its repr for anything else."""
     name = getattr(func, "__qualname__", None)
@@ -43,11 +44,10 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
-# -- from _compat -------------------------------------------------------------
+# -- typing names newer than Python 3.10 --------------------------------------
 
-# The typing names newer than Python 3.10, in one place, and the `*args` type variable.
-#
-# Standard library only from 3.11 (``typing_extensions`` on 3.10).
+# In one place, with the `*args` type variable. Standard library only from 3.11
+# (``typing_extensions`` on 3.10).
 
 if sys.version_info >= (3, 11):
     from typing import Self, TypeVarTuple, Unpack
@@ -59,13 +59,13 @@ PosArgsT = TypeVarTuple("PosArgsT")
 """The positional arguments of ``fn(*args)`` APIs, as in anyio's ``to_thread.run_sync``."""
 
 
-# -- from _seconds ------------------------------------------------------------
+# -- the one check of seconds -------------------------------------------------
 
-# The one check of a number of seconds (and of a deadline), for every argument.
+# For every argument that is a number of seconds (and for deadlines).
 #
 # One rule for infinity everywhere: `math.inf` is accepted and returned as itself (no
 # limit); an API for which it means "never" maps it. NaN, bools and non-numbers are
-# refused with a message naming the call and the argument. Standard library only.
+# refused with a message naming the call and the argument.
 
 def check_seconds(
     value: object, api: str, name: str, *, none: str = "", negative: bool = False
@@ -107,7 +107,7 @@ def check_deadline(deadline: float) -> float:
     return deadline
 
 
-# -- from _pidfd --------------------------------------------------------------
+# -- pidfd --------------------------------------------------------------------
 
 # A descriptor that becomes readable when a process exits (Linux's pidfd).
 
@@ -126,7 +126,7 @@ def open_pidfd(pid: int) -> int | None:
     return fd
 
 
-# -- from _procfs -------------------------------------------------------------
+# -- /proc --------------------------------------------------------------------
 
 # What Linux's /proc says about every process: its state, parent and process group.
 

@@ -380,14 +380,11 @@ def _body_size(message: _Message) -> int:
     return len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
 
 
-
-
-# -- from _asgi_threaded ------------------------------------------------------
+# -- threaded -----------------------------------------------------------------
 
 # `threaded`: a sync endpoint or dependency made async, running through `run_sync`.
 #
-# Public as `bridgecancel.asgi.threaded`; kept apart from the middleware, which it does not
-# need.
+# It does not need the middleware (a request without it is not cancelled on disconnect).
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -369,13 +369,13 @@ def _close_all(fds: tuple[int, ...]) -> None:
             pass
 
 
-# -- from _worker_results -----------------------------------------------------
+# -- results ------------------------------------------------------------------
 
 # What a job's outcome becomes on the results pipe, whatever the job returned or raised.
 #
-# Part of the worker process: standard library only. Each function here returns a
-# ``(tag, payload)`` pair for `_proc_wire.result_message`, and turns whatever an odd
-# result or error does into a clear message for the call rather than a dead worker.
+# Each function here returns a ``(tag, payload)`` pair for `_wire.result_message`, and
+# turns whatever an odd result or error does into a clear message for the call rather
+# than a dead worker.
 
 def returned(func: object, result: object) -> tuple[int, bytes]:
     """The result message for a job that returned `result`.

@@ -222,14 +222,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=pool.after_fork_in_child)
 
 
-# -- from _proc_handle --------------------------------------------------------
+# -- one worker process -------------------------------------------------------
 
-# One worker process, seen from the parent: start it, talk to it, end it.
+# Seen from the parent: start it, talk to it, end it.
 #
 # A worker is ``python -c "from bridgecancel._process._child import main; main()"`` (a plain
 # import) started with `subprocess`, in its own process group, talking over three private
-# pipes (see `_proc_wire`). A worker never outlives its parent: its control listener exits
-# when the control pipe closes. `_proc_pool` keeps the idle ones.
+# pipes (see `_wire`). A worker never outlives its parent: its control listener exits
+# when the control pipe closes. The `Pool` above keeps the idle ones.
 
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

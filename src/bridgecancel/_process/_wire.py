@@ -53,7 +53,7 @@ it says why on its stderr first."""
 
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
-Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_handle._config)
+Config = dict[str, Any]  # sys_path, main_name, main_path (see _pool._config)
 
 
 def dumps(obj: object) -> bytes:
