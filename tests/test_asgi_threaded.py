@@ -132,7 +132,7 @@ def test_what_it_cannot_wrap_is_refused_with_what_to_do() -> None:
 
 
 def test_bad_options_are_refused_when_decorating() -> None:
-    with pytest.raises(ValueError, match="pass None to never interrupt"):
+    with pytest.raises(ValueError, match="or None to never interrupt"):
         threaded(interrupt_after=-1)
     with pytest.raises(TypeError, match="interrupt_after"):
         threaded(interrupt_after="1")  # type: ignore[call-overload]

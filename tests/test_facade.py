@@ -16,6 +16,7 @@ import pytest
 
 import _proc_lean
 import bridgecancel
+import bridgecancel.testing
 from bridgecancel import run_process
 
 _TOKEN_NAMES = (
@@ -41,9 +42,10 @@ def test_version_matches_the_installed_metadata() -> None:
     assert bridgecancel.__version__ == importlib.metadata.version("bridgecancel")
 
 
-def test_idle_worker_pids_is_exported() -> None:
-    assert "idle_worker_pids" in bridgecancel.__all__
-    assert isinstance(bridgecancel.idle_worker_pids(), set)
+def test_idle_worker_pids_lives_in_testing() -> None:
+    assert "idle_worker_pids" not in bridgecancel.__all__
+    assert "idle_worker_pids" in bridgecancel.testing.__all__
+    assert isinstance(bridgecancel.testing.idle_worker_pids(), set)
 
 
 def test_public_objects_report_the_public_module() -> None:

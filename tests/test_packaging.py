@@ -26,7 +26,9 @@ def test_the_license_file_ships_with_the_distribution() -> None:
 
 
 def test_the_pytest_plugin_is_registered_as_an_entry_point() -> None:
+    # Named as users load it by hand (-p bridgecancel.testing); the value is the module
+    # with the hooks and fixtures.
     plugins = metadata.entry_points(group="pytest11")
     assert [ep.value for ep in plugins if ep.name == "bridgecancel.testing"] == [
-        "bridgecancel.testing"
+        "bridgecancel._pytest_plugin"
     ]

@@ -15,7 +15,8 @@ import pytest
 import _pool_helpers as h
 from bridgecancel._process import _run as _processes
 from bridgecancel._process._pool import Pool, WorkerProcess, pool
-from bridgecancel._process._run import idle_worker_pids, run_process
+from bridgecancel._process._run import run_process
+from bridgecancel.testing import idle_worker_pids
 
 pytestmark = pytest.mark.anyio
 

@@ -31,9 +31,9 @@ from bridgecancel._process._run import (
     DEFAULT_KILL_AFTER,
     RemoteTraceback,
     current_default_process_limiter,
-    idle_worker_pids,
     run_process,
 )
+from bridgecancel.testing import idle_worker_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -594,7 +594,7 @@ def test_busy_worker_exits_when_parent_is_killed(tmp_path: Path, anyio_backend: 
 EXIT_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from bridgecancel._process._run import run_process, idle_worker_pids
+    from bridgecancel._process._run import run_process
 
     async def main():
         print(await run_process(eval, "sorted(__import__('sys').modules)"))

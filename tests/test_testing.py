@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -268,15 +269,48 @@ def test_clean_with_the_fixture() -> None:
 SETTLE = ["-o", "bridgecancel_leak_settle=0.2"]  # seconds the leak check waits for threads
 
 
-@pytest.mark.parametrize("load", [["-p", "bridgecancel.testing"], []])
+CONFTEST = 'pytest_plugins = ["bridgecancel.testing"]\n'
+PYTEST = [PY, "-m", "pytest"]
+# pytest handed the module bridgecancel.testing itself as a plugin: what it does with a
+# name that no installed entry point has (the package on the path but not installed, or
+# a conftest's pytest_plugins on pytest releases that look such names up as modules). The
+# fixtures must come through the module's own pytest_plugins.
+PYTEST_GIVEN_THE_MODULE = [
+    PY,
+    "-c",
+    "import sys, pytest, bridgecancel.testing as t; "
+    "sys.exit(pytest.main(sys.argv[1:], plugins=[t]))",
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "load", "conftest", "autoload"),
+    [
+        # The pytest11 entry point of the installed package, and nothing else.
+        pytest.param(PYTEST, [], "", True, id="entry-point"),
+        # By hand, where entry points are not loaded by themselves.
+        pytest.param(PYTEST, ["-p", "bridgecancel.testing"], "", False, id="-p"),
+        # A conftest's pytest_plugins, where entry points are not loaded by themselves.
+        pytest.param(PYTEST, [], CONFTEST, False, id="conftest"),
+        pytest.param(PYTEST_GIVEN_THE_MODULE, [], "", False, id="the-module"),
+        # Every way at once (as bridgecancel's own tests do): loaded once, no clash.
+        pytest.param(PYTEST, ["-p", "bridgecancel.testing"], CONFTEST, True, id="all-at-once"),
+    ],
+)
 def test_the_plugin_provides_the_fixture_and_applies_nothing_unasked(
-    tmp_path: Path, load: list[str]
+    tmp_path: Path, command: list[str], load: list[str], conftest: str, autoload: bool
 ) -> None:
-    # [] relies on the pytest11 entry point of the installed package.
     (tmp_path / "test_plugin.py").write_text(textwrap.dedent(PLUGIN_TESTS))
+    if conftest:
+        (tmp_path / "conftest.py").write_text(conftest)
+    env = dict(os.environ)
+    env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+    if not autoload:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     result = subprocess.run(
-        [PY, "-m", "pytest", "-p", "no:cacheprovider", *load, "-rA", *SETTLE, "test_plugin.py"],
+        [*command, "-p", "no:cacheprovider", *load, "-rA", *SETTLE, "test_plugin.py"],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -287,3 +321,17 @@ def test_the_plugin_provides_the_fixture_and_applies_nothing_unasked(
     assert "PASSED test_plugin.py::test_clean_with_the_fixture" in out
     assert "ERROR test_plugin.py::test_leaks_with_the_fixture" in out
     assert "LeakError: left behind: threads" in out
+
+
+def test_importing_testing_loads_neither_pytest_nor_the_plugin_nor_the_process_pool() -> None:
+    # The plugin imports bridgecancel.testing, never the other way round; idle_worker_pids
+    # loads the process pool only when called.
+    code = (
+        "import sys, bridgecancel.testing\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')"
+        " or m in ('bridgecancel._pytest_plugin', 'bridgecancel._process._pool')))"
+    )
+    out = subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == "[]"

@@ -19,7 +19,6 @@ from ._tokens import current_token as current_token
 
 if _typing.TYPE_CHECKING:
     from ._process._run import current_default_process_limiter as current_default_process_limiter
-    from ._process._run import idle_worker_pids as idle_worker_pids
     from ._process._run import run_process as run_process
     from ._scopes import cancel_on as cancel_on
     from ._scopes import open_token as open_token
@@ -44,7 +43,6 @@ __all__ = (
     "check_cancelled",
     "current_default_process_limiter",
     "current_token",
-    "idle_worker_pids",
     "open_token",
     "run_process",
     "run_sync",
@@ -56,7 +54,6 @@ _LAZY: dict[str, str] = {
     "cancel_on": "._scopes",
     "open_token": "._scopes",
     "current_default_process_limiter": "._process._run",
-    "idle_worker_pids": "._process._run",
     "run_process": "._process._run",
     "Statistics": "._supervise",
     "JobStatistics": "._supervise",

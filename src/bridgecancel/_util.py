@@ -21,8 +21,10 @@ __all__ = (
     "check_deadline",
     "check_seconds",
     "describe",
+    "describe_error",
     "open_pidfd",
 )
+
 
 def describe(func: object) -> str:
     """``module.qualname()`` for a function, its repr for anything else."""
@@ -33,11 +35,19 @@ def describe(func: object) -> str:
     return f"{module}.{name}()" if module else f"{name}()"
 
 
-# -- from _compat -------------------------------------------------------------
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for an error in a message, even one whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except BaseException as error:
+        text = f"<str() failed with {type(error).__qualname__}>"
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
-# The typing names newer than Python 3.10, in one place, and the `*args` type variable.
-#
-# Standard library only from 3.11 (``typing_extensions`` on 3.10).
+
+# -- typing names newer than Python 3.10 --------------------------------------
+
+# In one place, with the `*args` type variable. Standard library only from 3.11
+# (``typing_extensions`` on 3.10).
 
 if sys.version_info >= (3, 11):
     from typing import Self, TypeVarTuple, Unpack
@@ -49,35 +59,36 @@ PosArgsT = TypeVarTuple("PosArgsT")
 """The positional arguments of ``fn(*args)`` APIs, as in anyio's ``to_thread.run_sync``."""
 
 
-# -- from _seconds ------------------------------------------------------------
+# -- the one check of seconds -------------------------------------------------
 
-# The one check of a number of seconds (and of a deadline), for every argument.
+# For every argument that is a number of seconds (and for deadlines).
 #
 # One rule for infinity everywhere: `math.inf` is accepted and returned as itself (no
-# limit); a caller for which it means "never" maps it. NaN, bools and non-numbers are
-# refused with a message naming the call and the argument. Standard library only.
+# limit); an API for which it means "never" maps it. NaN, bools and non-numbers are
+# refused with a message naming the call and the argument.
 
 def check_seconds(
-    value: object, caller: str, name: str, *, none: str = "", negative: bool = False
+    value: object, api: str, name: str, *, none: str = "", negative: bool = False
 ) -> float:
-    """`value` as a float number of seconds, for argument `name` of ``caller()``.
+    """`value` as a float number of seconds, for argument `name` of ``api()``.
 
     Args:
-        none: what None means for this argument (say "to skip that stage"), if the
-            caller takes None; messages then offer it. The caller handles None itself.
+        api: the public function whose argument this is, named in the messages.
+        none: what None means for this argument (say "to skip that stage"), if `api`
+            takes None; messages then offer it. Handle None before calling this.
         negative: accept negative numbers (a deadline already passed), not just >= 0.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         alternative = " or None" if none else ""
         raise TypeError(
-            f"{caller}() {name} must be a number of seconds{alternative}, got {value!r}"
+            f"{api}() {name} must be a number of seconds{alternative}, got {value!r}"
         )
     if math.isnan(value) or (value < 0 and not negative):
-        kind = "number" if negative else "non-negative number"
+        wanted = "number" if negative else "non-negative number"
         alternative = f" (or None {none})" if none else ""
         got = "NaN (math.inf means no limit)" if math.isnan(value) else repr(value)
         raise ValueError(
-            f"{caller}() {name} must be a {kind} of seconds{alternative}, got {got}"
+            f"{api}() {name} must be a {wanted} of seconds{alternative}, got {got}"
         )
     return float(value)
 
@@ -96,7 +107,7 @@ def check_deadline(deadline: float) -> float:
     return deadline
 
 
-# -- from _pidfd --------------------------------------------------------------
+# -- pidfd --------------------------------------------------------------------
 
 # A descriptor that becomes readable when a process exits (Linux's pidfd).
 
@@ -115,7 +126,7 @@ def open_pidfd(pid: int) -> int | None:
     return fd
 
 
-# -- from _procfs -------------------------------------------------------------
+# -- /proc --------------------------------------------------------------------
 
 # What Linux's /proc says about every process: its state, parent and process group.
 

@@ -32,7 +32,9 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 
 import anyio
 
+from ._backend import on_trio
 from ._threads import run_sync
+from ._util import check_seconds
 
 __all__ = (
     "CancelOnDisconnectMiddleware",
@@ -51,6 +53,8 @@ _DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
 _WATCHER_NAME: Final = "bridgecancel.asgi watcher"
 
 _TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped.\n"
+
+_MIDDLEWARE: Final = "CancelOnDisconnectMiddleware"  # how argument errors name the call
 
 
 class CancelOnDisconnectMiddleware:
@@ -81,13 +85,13 @@ class CancelOnDisconnectMiddleware:
             response has started by then, the client gets ``503 Service Unavailable``;
             if one has, the connection is closed (the response is cut short, never
             passed off as complete). Once the response is complete, the deadline no
-            longer applies. ``None`` (the default) means no deadline.
+            longer applies. ``None`` (the default) or `math.inf` means no deadline.
         max_buffered: how many bytes of request body to read ahead of the app
             (1 MiB by default); 0 reads a message only when none is held.
 
     Raises:
         TypeError: if `app` is not callable or an option has the wrong type.
-        ValueError: if `timeout` is not positive or `max_buffered` is negative.
+        ValueError: if `timeout` is not positive or is NaN, or `max_buffered` is negative.
     """
 
     def __init__(
@@ -100,12 +104,15 @@ class CancelOnDisconnectMiddleware:
         if not callable(app):
             raise TypeError(f"CancelOnDisconnectMiddleware wraps an ASGI app, got {app!r}")
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-            if math.isnan(timeout) or timeout <= 0:
+            # negative=True: 0 and below are refused just after, as not positive.
+            # math.inf passes: it arms a scope deadline that never comes.
+            seconds = check_seconds(
+                timeout, _MIDDLEWARE, "timeout", none="for no deadline", negative=True
+            )
+            if seconds <= 0:
                 raise ValueError(
-                    f"timeout must be a positive number of seconds, got {timeout}; "
-                    "pass None for no deadline"
+                    f"{_MIDDLEWARE}() timeout must be a positive number of seconds, got "
+                    f"{timeout!r}; pass None for no deadline"
                 )
         if isinstance(max_buffered, bool) or not isinstance(max_buffered, int):
             raise TypeError(f"max_buffered must be a number of bytes, got {max_buffered!r}")
@@ -166,12 +173,6 @@ def _run_watched(app_call: Awaitable[None], exchange: _Exchange) -> Generator[An
             sent, thrown = None, exc
 
 
-def _on_trio() -> bool:
-    """True in a trio task (without importing trio to find out)."""
-    trio = sys.modules.get("trio")
-    return trio is not None and bool(trio.lowlevel.in_trio_task())
-
-
 class _Exchange:
     """One HTTP request: the watcher's read-ahead, the app's receive, and the response state."""
 
@@ -201,7 +202,7 @@ class _Exchange:
         self._server_send = send
         self._max_buffered = max_buffered
         self._held: deque[_Message] = deque()
-        self._on_trio = _on_trio()
+        self._on_trio = on_trio()
         self._timeout = timeout
         # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
         self.app_scope: Any = (
@@ -379,14 +380,11 @@ def _body_size(message: _Message) -> int:
     return len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
 
 
-
-
-# -- from _asgi_threaded ------------------------------------------------------
+# -- threaded -----------------------------------------------------------------
 
 # `threaded`: a sync endpoint or dependency made async, running through `run_sync`.
 #
-# Public as `bridgecancel.asgi.threaded`; kept apart from the middleware, which it does not
-# need.
+# It does not need the middleware (a request without it is not cancelled on disconnect).
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -437,15 +435,9 @@ def threaded(
         ValueError: if `interrupt_after` is negative or NaN.
     """
     if interrupt_after is not None:  # checked here, not at the first request
-        if isinstance(interrupt_after, bool) or not isinstance(interrupt_after, (int, float)):
-            raise TypeError(
-                f"interrupt_after must be a number of seconds or None, got {interrupt_after!r}"
-            )
-        if math.isnan(interrupt_after) or interrupt_after < 0:
-            raise ValueError(
-                f"interrupt_after must be 0 or more seconds, got {interrupt_after}; "
-                "pass None to never interrupt"
-            )
+        interrupt_after = check_seconds(
+            interrupt_after, "threaded", "interrupt_after", none="to never interrupt"
+        )
     if func is None:
         return functools.partial(_threaded, limiter=limiter, interrupt_after=interrupt_after)
     return _threaded(func, limiter=limiter, interrupt_after=interrupt_after)

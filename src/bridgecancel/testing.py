@@ -4,13 +4,18 @@
   running bridgecancel job or a child process behind.
 * `assert_cancels_within`: a context manager (``with`` or ``async with``) that cancels
   the block and fails unless it stops within the given number of seconds.
-* A pytest plugin, opt-in as anyio's is: it is loaded by ``-p bridgecancel.testing`` (or
-  ``pytest_plugins = ["bridgecancel.testing"]`` in a conftest) and provides the fixture
-  ``no_leaked_workers``, which nothing uses unless a test asks for it (by name, with
-  ``@pytest.mark.usefixtures``, or for every test with pytest's ``usefixtures`` setting),
-  and the setting ``bridgecancel_leak_settle`` (seconds to wait for stragglers; 5).
+* `idle_worker_pids`: the process ids of the idle pooled worker processes, which outlive
+  calls on purpose, for leak checks of your own.
+* A pytest plugin named ``bridgecancel.testing``, opt-in as anyio's is: installing
+  bridgecancel registers it (a ``pytest11`` entry point); where entry points are not
+  loaded, ``-p bridgecancel.testing`` or ``pytest_plugins = ["bridgecancel.testing"]`` in
+  a conftest loads it. It provides the fixture ``no_leaked_workers``, which nothing uses
+  unless a test asks for it (by name, with ``@pytest.mark.usefixtures``, or for every test
+  with pytest's ``usefixtures`` setting), and the setting ``bridgecancel_leak_settle``
+  (seconds to wait for stragglers; 5).
 
-This module imports pytest only when pytest loads it as a plugin.
+This module imports no pytest: the plugin lives in ``bridgecancel._pytest_plugin``, which
+pytest loads when it loads this module as a plugin (see `pytest_plugins` below).
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ __all__ = (
     "LeakError",
     "assert_cancels_within",
     "check_no_leaks",
+    "idle_worker_pids",
 )
+
+# The installed entry point loads the plugin module itself. Where pytest loads this module
+# as a plugin instead (``-p`` or a conftest's pytest_plugins with no installed entry point
+# of that name, or on pytest 8, which looks a conftest's names up as modules), it loads
+# the plugin modules named here too. A name, not an import: the plugin imports this
+# module, and this module never imports pytest.
+pytest_plugins: Final = ("bridgecancel._pytest_plugin",)
 
 IDLE_THREAD_PREFIXES: Final = ("Trio thread", "AnyIO worker thread", "bridgecancel idle")
 """Names of threads that pools keep on purpose while idle (they retire on their own)."""
@@ -53,10 +66,17 @@ def _child_pids() -> set[int]:
     return {p.pid for p in all_processes() or [] if p.ppid == me}
 
 
-def _idle_worker_pids() -> set[int]:
-    from ._process._run import idle_worker_pids  # only now: it loads the process machinery
+def idle_worker_pids() -> set[int]:
+    """The process ids of bridgecancel's idle pooled worker processes, as a new set.
 
-    return set(idle_worker_pids())
+    Idle workers outlive the calls that used them on purpose (the next `run_process` gets
+    a warm one) until their idle timeout or interpreter exit; they are the child
+    processes a leak check should allow, as `check_no_leaks` does. Workers running a
+    job are not idle, and not listed.
+    """
+    from ._process._pool import pool  # only now: it loads the process machinery
+
+    return pool.idle_pids()
 
 
 def _running_jobs() -> int:
@@ -97,7 +117,7 @@ def check_no_leaks(*, settle: float = 5.0, ignore_threads: Iterable[str] = ()) -
             found.append(f"threads {threads}")
         pids = _child_pids() - pids_before
         if pids:
-            pids -= _idle_worker_pids()
+            pids -= idle_worker_pids()
         if pids:
             found.append(f"child processes {sorted(pids)}")
         return found
@@ -196,19 +216,3 @@ class assert_cancels_within:
         self._check()
         return swallowed
 
-
-def pytest_addoption(parser: Any) -> None:
-    """pytest hook: the ``bridgecancel_leak_settle`` setting of ``no_leaked_workers``."""
-    parser.addini(
-        "bridgecancel_leak_settle",
-        "seconds the no_leaked_workers fixture waits for threads and processes to end",
-        default="5",
-    )
-
-
-def pytest_configure(config: Any) -> None:
-    """pytest hook: register the fixtures (non-autouse) when pytest loads this plugin."""
-    from . import _pytest_plugin as _pytest_fixtures
-
-    if not config.pluginmanager.is_registered(_pytest_fixtures):
-        config.pluginmanager.register(_pytest_fixtures, "bridgecancel.testing fixtures")

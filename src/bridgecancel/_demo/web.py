@@ -21,10 +21,11 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from .._backend import on_trio
 from .._supervise import statistics
 from .._threads import run_sync
 from .._tokens import current_token
-from ..asgi import CancelOnDisconnectMiddleware, _on_trio
+from ..asgi import CancelOnDisconnectMiddleware
 
 __all__ = ("web_disconnect",)
 
@@ -115,7 +116,7 @@ async def _leave_mid_request(serve: _Serve, *, cancellable: bool) -> float:
 
 def _server_for_this_backend() -> _Serve:
     """The server for the running backend; raises ImportError if it is not installed."""
-    if _on_trio():
+    if on_trio():
         import hypercorn.trio  # noqa: F401  (checked now, used in _hypercorn_trio)
 
         return _hypercorn_trio

@@ -34,7 +34,7 @@ from typing import Any, Final, NoReturn
 
 from .._timer import report_unraisable
 from .._tokens import Cancelled, CancelSource, CancelToken, _current
-from .._util import describe
+from .._util import describe, describe_error
 from . import _wire as wire
 
 __all__ = (
@@ -85,10 +85,10 @@ def _listen(ctl_fd: int) -> None:
             record = _read_control(ctl_fd)
             if record is None:
                 _parent_gone()
-            kind, job_id, reason = record
-            if kind == wire.CANCEL:
+            tag, job_id, reason = record
+            if tag == wire.CANCEL:
                 _cancel(job_id, reason)
-            elif kind == wire.INTERRUPT:
+            elif tag == wire.INTERRUPT:
                 _interrupt(job_id)
     except BaseException as exc:
         # Without this thread nobody would notice the parent dying: never outlive it.
@@ -96,18 +96,18 @@ def _listen(ctl_fd: int) -> None:
 
 
 def _read_control(ctl_fd: int) -> tuple[int, int, str | None] | None:
-    """The next ``(kind, job id, reason)`` record; None once the parent is gone."""
+    """The next ``(tag, job id, reason)`` record; None once the parent is gone."""
     try:
         head = wire.read_exact(ctl_fd, wire.CONTROL_HEADER.size)
         if head is None:
             return None
-        kind, job_id, length = wire.CONTROL_HEADER.unpack(head)
+        tag, job_id, length = wire.CONTROL_HEADER.unpack(head)
         data = wire.read_exact(ctl_fd, length)
     except OSError:
         return None
     if data is None:
         return None
-    return kind, job_id, data.decode("utf-8", "replace") or None
+    return tag, job_id, data.decode("utf-8", "replace") or None
 
 
 def _cancel(job_id: int, reason: str | None) -> None:
@@ -350,11 +350,11 @@ def _serve() -> None:
         if message is None:
             return
         job_id, deadline, payload = message
-        kind, body = _run(job_id, deadline, payload, source)
+        tag, body = _run(job_id, deadline, payload, source)
         del payload
         _flush_stdio()
         try:
-            wire.write_all(res_fd, wire.result_message(kind, job_id, body))
+            wire.write_all(res_fd, wire.result_message(tag, job_id, body))
         except BrokenPipeError:
             return
         with _state.lock:
@@ -369,13 +369,13 @@ def _close_all(fds: tuple[int, ...]) -> None:
             pass
 
 
-# -- from _worker_results -----------------------------------------------------
+# -- results ------------------------------------------------------------------
 
 # What a job's outcome becomes on the results pipe, whatever the job returned or raised.
 #
-# Part of the worker process: standard library only. Each function here returns a
-# ``(kind, payload)`` pair for `_proc_wire.result_message`, and turns whatever an odd
-# result or error does into a clear message for the call rather than a dead worker.
+# Each function here returns a ``(tag, payload)`` pair for `_wire.result_message`, and
+# turns whatever an odd result or error does into a clear message for the call rather
+# than a dead worker.
 
 def returned(func: object, result: object) -> tuple[int, bytes]:
     """The result message for a job that returned `result`.
@@ -395,7 +395,7 @@ def returned(func: object, result: object) -> tuple[int, bytes]:
     except Exception as exc:
         return wire.SEND_FAILED, (
             f"the result of {describe(func)}, a {type(result).__qualname__}, could not be "
-            f"pickled to send it back ({wire.describe_pickling_error(exc)}); return "
+            f"pickled to send it back ({describe_error(exc)}); return "
             "something picklable (plain data, or a class defined at module level)"
         ).encode()
 
@@ -422,15 +422,6 @@ def raised(func: object, exc: BaseException) -> tuple[int, bytes]:
             f"Remote traceback:\n{tb_text}"
         ).encode("utf-8", "replace")
     return wire.RAISED, data
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` for an error, even one whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except BaseException as error:
-        text = f"<str() failed with {type(error).__qualname__}>"
-    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
 def reason_bytes(token: CancelToken) -> bytes:

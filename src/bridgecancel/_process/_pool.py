@@ -109,7 +109,7 @@ class Pool:
             self._discard_locked(worker)
 
     def _discard_locked(self, worker: WorkerProcess) -> None:
-        worker.release()
+        worker.close_descriptors()
         self._all.discard(worker)
 
     # -- the reaper thread -------------------------------------------------------------
@@ -201,7 +201,7 @@ class Pool:
             worker.wait_exited_blocking(max(0.0, deadline - time.monotonic()))
             worker.kill_group()
             worker.reap_blocking(5.0)
-            worker.release()
+            worker.close_descriptors()
 
     def after_fork_in_child(self) -> None:
         """A fork of the parent must not hold the workers' pipes (their watchdogs use EOF)."""
@@ -222,14 +222,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=pool.after_fork_in_child)
 
 
-# -- from _proc_handle --------------------------------------------------------
+# -- one worker process -------------------------------------------------------
 
-# One worker process, seen from the parent: start it, talk to it, end it.
+# Seen from the parent: start it, talk to it, end it.
 #
 # A worker is ``python -c "from bridgecancel._process._child import main; main()"`` (a plain
 # import) started with `subprocess`, in its own process group, talking over three private
-# pipes (see `_proc_wire`). A worker never outlives its parent: its control listener exits
-# when the control pipe closes. `_proc_pool` keeps the idle ones.
+# pipes (see `_wire`). A worker never outlives its parent: its control listener exits
+# when the control pipe closes. The `Pool` above keeps the idle ones.
 
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -323,7 +323,7 @@ class WorkerProcess:
             view = self.send_nowait(view)
 
     async def receive(self) -> tuple[int, int, bytes] | None:
-        """The next ``(job id, kind, payload)`` from the worker; None once it has exited.
+        """The next ``(job id, tag, payload)`` from the worker; None once it has exited.
 
         Cancellable, and safe to call again after a cancel: a partly read message stays
         in the buffer.
@@ -333,12 +333,12 @@ class WorkerProcess:
         while True:
             need = size
             if len(buf) >= size:
-                length, job_id, kind = wire.RESULT_HEADER.unpack_from(buf)
+                length, job_id, tag = wire.RESULT_HEADER.unpack_from(buf)
                 need = size + length
                 if len(buf) >= need:
                     payload = bytes(buf[size:need])
                     del buf[:need]
-                    return job_id, kind, payload
+                    return job_id, tag, payload
             # Wait first: right after a job is sent, a read would only fail with EAGAIN.
             await anyio.wait_readable(self._res_r)
             try:
@@ -349,10 +349,10 @@ class WorkerProcess:
                 return None
             buf += chunk
 
-    def control(self, kind: int, job_id: int, reason: str | None = None) -> None:
+    def control(self, tag: int, job_id: int, reason: str | None = None) -> None:
         """Send a cancel or interrupt record; best effort (a dead worker needs neither)."""
         try:
-            os.write(self._ctl_w, wire.control_record(kind, job_id, reason))
+            os.write(self._ctl_w, wire.control_record(tag, job_id, reason))
         except OSError:  # a full pipe (a wedged worker) or a dead one
             pass
 
@@ -390,7 +390,7 @@ class WorkerProcess:
         """Close the job and control pipes: an idle worker exits, a busy one kills itself."""
         self._close("_job_w", "_ctl_w")
 
-    def release(self) -> None:
+    def close_descriptors(self) -> None:
         """Close every descriptor; call once the worker has been reaped."""
         self._close("_job_w", "_ctl_w", "_res_r", "_pidfd")
 
@@ -404,7 +404,7 @@ class WorkerProcess:
 
     def forget_after_fork(self) -> None:
         """In a forked child of the parent: drop the parent's ends without reaping."""
-        self.release()
+        self.close_descriptors()
         # This process is not the worker's parent; keep Popen from warning or waiting.
         self._proc.returncode = 0
 

@@ -32,7 +32,7 @@ from .._supervise import (
     check_call,
 )
 from .._tokens import Cancelled
-from .._util import PosArgsT, Unpack, describe
+from .._util import PosArgsT, Unpack, describe, describe_error
 from . import _wire as wire
 from ._pool import WorkerProcess, main_is_loadable, pool
 
@@ -41,7 +41,6 @@ __all__ = (
     "DEFAULT_KILL_AFTER",
     "check_not_loading_main",
     "current_default_process_limiter",
-    "idle_worker_pids",
     "pickle_job",
     "run_process",
 )
@@ -63,11 +62,6 @@ def current_default_process_limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
         _default_limiter.set(limiter)
         return limiter
-
-
-def idle_worker_pids() -> set[int]:
-    """The process ids of the idle pooled workers (which outlive calls by design)."""
-    return pool.idle_pids()
 
 
 async def run_process(
@@ -376,7 +370,7 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
     except Exception as exc:
         return (
             f"cannot send {describe(func)} to a worker process: pickling it failed "
-            f"({wire.describe_pickling_error(exc)}); define it at module level (lambdas, "
+            f"({describe_error(exc)}); define it at module level (lambdas, "
             f"closures and nested functions cannot be pickled by name){fix}"
         )
     for index, arg in enumerate(args):
@@ -386,7 +380,7 @@ def _unpicklable_message(func: Callable[..., object], args: tuple[object, ...]) 
             return (
                 f"cannot send argument {index} of {describe(func)}, a "
                 f"{type(arg).__qualname__}, to a worker process: pickling it failed "
-                f"({wire.describe_pickling_error(exc)}); pass picklable data (locks, "
+                f"({describe_error(exc)}); pass picklable data (locks, "
                 "open files, sockets and generators cannot be pickled)"
             )
     return f"cannot pickle the call {describe(func)} to send it to a worker process"

@@ -8,7 +8,7 @@ Three private pipes per worker, each written by one side and read by the other:
   cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
   worker that its parent is gone.
 - results (worker -> parent): ``RESULT_HEADER`` then a payload whose meaning depends on
-  the kind byte: ``STARTED`` once the job's function begins, then one result.
+  the tag byte: ``STARTED`` once the job's function begins, then one result.
 
 Every message names its job, so a late control record never touches a later job.
 """
@@ -23,16 +23,16 @@ from typing import Any, Final
 
 # payload length, job id, deadline (time.monotonic terms, inf for none)
 JOB_HEADER: Final = struct.Struct("!IQd")
-# kind, job id, reason length
+# tag, job id, reason length
 CONTROL_HEADER: Final = struct.Struct("!BQH")
-# payload length, job id, kind
+# payload length, job id, tag
 RESULT_HEADER: Final = struct.Struct("!IQB")
 
-# Control kinds.
+# Control tags.
 CANCEL: Final = 1
 INTERRUPT: Final = 2
 
-# Result kinds.
+# Result tags.
 RETURNED: Final = 0  # payload: the pickled return value
 RAISED: Final = 1  # payload: pickled (exception, remote traceback text)
 CANCELLED: Final = 2  # payload: the token's reason, UTF-8 (empty for None)
@@ -53,7 +53,7 @@ it says why on its stderr first."""
 
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
-Config = dict[str, Any]  # sys_path, main_name, main_path (see _proc_handle._config)
+Config = dict[str, Any]  # sys_path, main_name, main_path (see _pool._config)
 
 
 def dumps(obj: object) -> bytes:
@@ -71,11 +71,6 @@ def dumps(obj: object) -> bytes:
             raise exc from None
         data: bytes = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         return data
-
-
-def describe_pickling_error(exc: BaseException) -> str:
-    """One line on why pickling failed, for messages that then say what to do."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 def read_exact(fd: int, n: int) -> bytes | None:
@@ -145,13 +140,13 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def control_record(kind: int, job_id: int, reason: str | None) -> bytes:
+def control_record(tag: int, job_id: int, reason: str | None) -> bytes:
     encoded = (reason or "").encode("utf-8", "replace")[:MAX_REASON]
-    return CONTROL_HEADER.pack(kind, job_id, len(encoded)) + encoded
+    return CONTROL_HEADER.pack(tag, job_id, len(encoded)) + encoded
 
 
-def result_message(kind: int, job_id: int, payload: bytes) -> bytes:
-    return RESULT_HEADER.pack(len(payload), job_id, kind) + payload
+def result_message(tag: int, job_id: int, payload: bytes) -> bytes:
+    return RESULT_HEADER.pack(len(payload), job_id, tag) + payload
 
 
 def job_message(job_id: int, deadline: float, payload: bytes) -> bytes:

@@ -37,16 +37,16 @@ DEFAULT_GRACE: Final = 5.0
 """Seconds a child process gets between SIGTERM and SIGKILL when its wait is cancelled."""
 
 
-def check_type(obj: object, expected: type | tuple[type, ...], caller: str, hint: str) -> None:
+def check_type(obj: object, expected: type | tuple[type, ...], api: str, hint: str) -> None:
     if not isinstance(obj, expected):
-        raise TypeError(f"{caller}() needs {hint}, got {obj!r}")
+        raise TypeError(f"{api}() needs {hint}, got {obj!r}")
 
 
-def deadline_in(timeout: float | None, caller: str) -> float | None:
+def deadline_in(timeout: float | None, api: str) -> float | None:
     """The monotonic deadline `timeout` seconds from now (None: no limit)."""
     if timeout is None:
         return None
-    return time.monotonic() + check_seconds(timeout, caller, "timeout", none="for no limit")
+    return time.monotonic() + check_seconds(timeout, api, "timeout", none="for no limit")
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -76,19 +76,19 @@ class Opening(NamedTuple):
 
 
 def begin(
-    caller: str, token: CancelToken | None, timeout: float | None = None, *, check: bool = True
+    api: str, token: CancelToken | None, timeout: float | None = None, *, check: bool = True
 ) -> Opening:
     """The opening of every wait: arguments, deadline, token, and the checkpoint.
 
     Raises `Cancelled` if the token has already fired (unless `check` is false, for the
     subprocess waits, which must stop the child first).
     """
-    deadline = deadline_in(timeout, caller)
+    deadline = deadline_in(timeout, api)
     if token is None:
         token = current_token()
     elif not isinstance(token, CancelToken):
         raise TypeError(
-            f"{caller}(token=...) takes a CancelToken, got {token!r}; "
+            f"{api}(token=...) takes a CancelToken, got {token!r}; "
             "pass source.token rather than the source"
         )
     if check and token.cancel_called:

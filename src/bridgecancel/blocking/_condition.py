@@ -35,6 +35,7 @@ __all__ = (
     "wakeable",
 )
 
+
 def _condition_works(cond: threading.Condition) -> bool:
     """The condition internals behave as `wait` needs (call with `cond` not held)."""
     if not isinstance(cond._waiters, collections.deque):  # type: ignore[attr-defined]

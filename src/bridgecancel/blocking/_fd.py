@@ -42,17 +42,17 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
-def _fd_of(fd: int | _HasFileno, caller: str) -> int:
+def _fd_of(fd: int | _HasFileno, api: str) -> int:
     if isinstance(fd, int) and not isinstance(fd, bool):
         number = fd
     elif callable(getattr(fd, "fileno", None)):
         number = fd.fileno()  # type: ignore[union-attr]
     else:
         raise TypeError(
-            f"{caller}() needs a file descriptor (an int) or an object with fileno(), got {fd!r}"
+            f"{api}() needs a file descriptor (an int) or an object with fileno(), got {fd!r}"
         )
     if number < 0:
-        raise ValueError(f"{caller}() got file descriptor {number}: is it closed?")
+        raise ValueError(f"{api}() got file descriptor {number}: is it closed?")
     return number
 
 
@@ -87,10 +87,10 @@ def _wait_for(
     events: int,
     timeout: float | None,
     token: CancelToken | None,
-    caller: str,
+    api: str,
 ) -> bool:
-    number = _fd_of(fd, caller)
-    token, deadline, _ = begin(caller, token, timeout)
+    number = _fd_of(fd, api)
+    token, deadline, _ = begin(api, token, timeout)
     return wait_fd(number, events, token, deadline)
 
 
@@ -123,15 +123,15 @@ def wait_writable(
 
 
 def _open_socket(
-    sock: socket.socket, token: CancelToken | None, caller: str
+    sock: socket.socket, token: CancelToken | None, api: str
 ) -> tuple[CancelToken, float | None] | None:
     """The opening of the socket calls: the token and the socket timeout's deadline.
 
     None means: call the socket method as it is (the token can never fire, or the
     socket is non-blocking and the method raises rather than waits).
     """
-    check_type(sock, socket.socket, caller, "a socket.socket")
-    token, _, never = begin(caller, token)
+    check_type(sock, socket.socket, api, "a socket.socket")
+    token, _, never = begin(api, token)
     timeout = sock.gettimeout()
     if never or timeout == 0.0:
         return None

@@ -302,7 +302,7 @@ def run_subprocess(
     return result
 
 
-# -- from _child_stop ---------------------------------------------------------
+# -- waiting for a child, and stopping it -------------------------------------
 
 # Waiting for a child process to exit, and stopping it (and its process group) on cancel.
 

@@ -182,18 +182,18 @@ def queue_get(
 
 
 def _queue_op(
-    caller: str,
+    api: str,
     q: queue.Queue[Any],
     op: Callable[[bool, float | None], T],
     timeout: float | None,
     token: CancelToken | None,
 ) -> T:
     """Call ``op(block, timeout)``, a get or a put on `q`, waiting while it cannot act."""
-    check_type(q, queue.Queue, caller, "a queue.Queue (or a subclass)")
-    token, deadline, never = begin(caller, token, timeout)
+    check_type(q, queue.Queue, api, "a queue.Queue (or a subclass)")
+    token, deadline, never = begin(api, token, timeout)
     if never:
         return op(True, timeout)
-    putting = caller == "queue_put"
+    putting = api == "queue_put"
     busy = queue.Full if putting else queue.Empty
     if not _cpython.AVAILABLE:
         done: list[T] = []
