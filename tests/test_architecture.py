@@ -389,3 +389,14 @@ def test_the_facades_only_re_export(name: str) -> None:
         assert isinstance(lazy, dict)
         for public, module in lazy.items():
             assert reexported.get(public) == module.removeprefix("."), f"_LAZY[{public!r}]"
+
+
+def test_only_the_backend_module_uses_trio_itself() -> None:
+    # What differs between asyncio and trio lives in _backend: no other library module
+    # reaches trio (its lowlevel API, its own scopes and events) through sys.modules.
+    for name, (tree, _) in MODULES.items():
+        if name == "_backend" or name.startswith("_demo"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value == "trio":
+                raise AssertionError(f"{name}:{node.lineno} names the module 'trio'")

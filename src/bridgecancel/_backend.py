@@ -95,14 +95,68 @@ def threadsafe_caller() -> Callable[[Callable[[], object]], None]:
 # -- trio's own routes ---------------------------------------------------------------------
 
 
-def new_cancel_scope() -> Any:
-    """A cancel scope for this backend: trio's own on trio (anyio's wraps one and costs
-    twice as much to enter), anyio's elsewhere. Both have ``cancel()``, ``deadline`` and
-    ``cancel_called``."""
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_task():
-        return trio.CancelScope()
-    return anyio.CancelScope()
+def new_cancel_scope(trio_task: bool) -> Any:
+    """A cancel scope for this backend: trio's own if `trio_task` (anyio's wraps one and
+    costs twice as much to enter), anyio's elsewhere. Both have ``cancel()``, ``deadline``
+    and ``cancel_called``."""
+    return sys.modules["trio"].CancelScope() if trio_task else anyio.CancelScope()
+
+
+class BackgroundTask:
+    """``fn()`` running beside the current task, held by no nursery or task group, until
+    `stop` reaps it; what it raises (other than its own cancellation) is kept in `error`.
+
+    The backend's own primitives rather than an anyio task group, which would cost more
+    than a small request handler: on trio a system task (a nursery cannot be opened in the
+    middle of a call whose cancel scope it would nest inside), on asyncio a task. It runs
+    in a copy of the current context, as a task started here would.
+    """
+
+    __slots__ = ("_done", "_scope", "_task", "error")
+
+    def __init__(self, fn: Callable[[], Awaitable[object]], *, name: str, trio_task: bool) -> None:
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        if trio_task:
+            trio = sys.modules["trio"]
+            self._scope = trio.CancelScope()
+            self._done = trio.Event()
+            trio.lowlevel.spawn_system_task(
+                self._run_in_system_task, fn, name=name, context=contextvars.copy_context()
+            )
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._run_in_task(fn), name=name)
+
+    async def _run_in_task(self, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+
+    async def _run_in_system_task(self, fn: Callable[[], Awaitable[object]]) -> None:
+        # A system task must not raise: what escapes is handed over in `error`.
+        try:
+            with self._scope:
+                await fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Cancel the task, unless it has ended, and wait until it has."""
+        task = self._task
+        if task is None:
+            if not self._done.is_set():
+                self._scope.cancel()
+                with sys.modules["trio"].CancelScope(shield=True):
+                    await self._done.wait()
+        elif not task.done():
+            task.cancel()
+            # asyncio.wait never raises the task's cancellation in this one.
+            await asyncio.wait((task,))
 
 
 def spawn_system_task(fn: Callable[..., Awaitable[object]], *args: object) -> None:

@@ -224,7 +224,7 @@ class _TrioCall:
 
     def __init__(self, job: ThreadJob) -> None:
         self.job = job
-        self.scope = new_cancel_scope()
+        self.scope = new_cancel_scope(trio_task=True)
         self.failure: BaseException | None = None
 
     async def run(self) -> Any:

@@ -19,12 +19,9 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import functools
 import inspect
 import math
-import sys
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
@@ -32,7 +29,7 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 
 import anyio
 
-from ._backend import on_trio
+from ._backend import BackgroundTask, new_cancel_scope, on_trio
 from ._threads import run_sync
 from ._util import check_seconds
 
@@ -185,11 +182,7 @@ class _Exchange:
     _app_waiting: anyio.Event | None = None  # for a message to arrive
     _watcher_waiting: anyio.Event | None = None  # for the app to take one
     _trailers = False
-    # The watcher, once started: an asyncio task, or a trio system task with its own
-    # cancel scope and an event set when it has ended.
-    _watcher: asyncio.Task[None] | None = None
-    _watcher_scope: Any = None
-    _watcher_done: Any = None
+    _watcher: BackgroundTask | None = None  # once started
     watching = False
     watch_error: BaseException | None = None
     response_started = False
@@ -204,33 +197,16 @@ class _Exchange:
         self._held: deque[_Message] = deque()
         self._on_trio = on_trio()
         self._timeout = timeout
-        # On trio, trio's own scope: anyio's wraps one and costs twice as much to enter.
-        self.app_scope: Any = (
-            sys.modules["trio"].CancelScope() if self._on_trio else anyio.CancelScope()
-        )
+        self.app_scope: Any = new_cancel_scope(self._on_trio)
         if timeout is not None:
             self.app_scope.deadline = anyio.current_time() + timeout
 
     def start_watching(self) -> None:
-        # The backend's own primitives rather than an anyio task group, which would cost
-        # more than the rest of the middleware together. On trio, a system task: a nursery
-        # cannot be opened in the middle of the app's call (its cancel scope would nest
-        # inside the app's own), and one opened around every call costs a nursery per
-        # request; the watcher is reaped before the request returns all the same
-        # (stop_watching), and hands what it raises to the request (watch_error).
+        # Held by no nursery (one per request would cost more than the rest of the
+        # middleware together), and reaped before the request returns all the same
+        # (stop_watching); what it raises is handed to the request (watch_error).
         self.watching = True
-        if self._on_trio:
-            trio = sys.modules["trio"]
-            self._watcher_scope = trio.CancelScope()
-            self._watcher_done = trio.Event()
-            trio.lowlevel.spawn_system_task(
-                self._watch_in_system_task,
-                name=_WATCHER_NAME,
-                context=contextvars.copy_context(),  # the request's, as a task would have
-            )
-        else:
-            loop = asyncio.get_running_loop()
-            self._watcher = loop.create_task(self._watch_in_task(), name=_WATCHER_NAME)
+        self._watcher = BackgroundTask(self.watch, name=_WATCHER_NAME, trio_task=self._on_trio)
 
     async def stop_watching(self) -> None:
         """Cancel the watcher and wait until it has ended: no part of a request outlives it.
@@ -238,36 +214,9 @@ class _Exchange:
         A watcher that has read the disconnect has ended already (hypercorn reports one
         as every response completes): then there is nothing to wait for.
         """
-        if self._on_trio:
-            if not self._watcher_done.is_set():
-                self._watcher_scope.cancel()
-                with sys.modules["trio"].CancelScope(shield=True):
-                    await self._watcher_done.wait()
-        else:
-            assert self._watcher is not None
-            if self._watcher.done():
-                return
-            self._watcher.cancel()
-            # asyncio.wait never raises the watcher's cancellation in this task.
-            await asyncio.wait((self._watcher,))
-
-    async def _watch_in_task(self) -> None:
-        try:
-            await self.watch()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.watch_error = exc
-
-    async def _watch_in_system_task(self) -> None:
-        # A system task must not raise: what escapes is handed to the request's task.
-        try:
-            with self._watcher_scope:
-                await self.watch()
-        except BaseException as exc:
-            self.watch_error = exc
-        finally:
-            self._watcher_done.set()
+        assert self._watcher is not None
+        await self._watcher.stop()
+        self.watch_error = self._watcher.error
 
     async def watch(self) -> None:
         """Read the server's messages ahead of the app until the client disconnects."""
