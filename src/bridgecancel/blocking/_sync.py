@@ -1,8 +1,8 @@
 """Token-aware waits on `threading` and `queue` primitives and on `concurrent.futures`.
 
 Events, conditions, semaphores, queues and futures all wait on a `threading.Condition`
-inside; `_cpython.wait` wakes such a wait when the token fires. Where CPython's internals
-are not as expected (`_cpython.AVAILABLE` is False), each wait calls the primitive's own
+inside; `_condition.wait` wakes such a wait when the token fires. Where CPython's internals
+are not as expected (`_condition.AVAILABLE` is False), each wait calls the primitive's own
 public method in slices instead, with the same semantics. Plain locks cannot be woken
 from outside without being released, so they are always waited on in slices.
 """
@@ -10,13 +10,14 @@ from outside without being released, so they are always waited on in slices.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from .._tokens import CancelToken
-from . import _condition as _cpython
+from . import _condition
 from ._common import begin, cancelled, check_type, remaining, wait_sliced
 
 __all__ = (
@@ -46,7 +47,7 @@ def _wait_until(
         left = remaining(deadline)
         if left is not None and left <= 0:
             return False
-        _cpython.wait(cond, token, left)
+        _condition.wait(cond, token, left)
     return True
 
 
@@ -65,13 +66,13 @@ def wait_event(
     token, deadline, never = begin("wait_event", token, timeout)
     if never:
         return event.wait(timeout)
-    if not _cpython.AVAILABLE:
+    if not _condition.AVAILABLE:
         return wait_sliced(event.wait, token, deadline)
-    cond = _cpython.event_condition(event)
+    cond = _condition.event_condition(event)
     with cond:
         if event.is_set():
             return True
-        return _cpython.wait(cond, token, remaining(deadline))
+        return _condition.wait(cond, token, remaining(deadline))
 
 
 def wait_condition(
@@ -98,7 +99,7 @@ def wait_condition(
             f"wait_condition() needs a predicate to call, got {predicate!r}; "
             "pass e.g. `lambda: len(items) > 0`"
         )
-    if not _cpython.is_owned(cond):
+    if not _condition.is_owned(cond):
         raise RuntimeError(
             "cannot wait on un-acquired lock: call wait_condition() inside `with cond:`"
         )
@@ -106,12 +107,12 @@ def wait_condition(
     if never:
         return cond.wait_for(predicate, timeout)
     result = predicate()
-    if _cpython.wakeable(cond):
+    if _condition.wakeable(cond):
         while not result:
             left = remaining(deadline)
             if left is not None and left <= 0:
                 break
-            _cpython.wait(cond, token, left)
+            _condition.wait(cond, token, left)
             result = predicate()
         return result
 
@@ -151,11 +152,12 @@ def acquire(lock: _Lock, timeout: float | None = None, *, token: CancelToken | N
     token, deadline, never = begin("acquire", token, timeout)
     if never:
         return lock.acquire() if timeout is None else lock.acquire(True, timeout)
-    if isinstance(lock, threading.Semaphore) and _cpython.AVAILABLE:
-        cond = _cpython.semaphore_condition(lock)
+    if isinstance(lock, threading.Semaphore) and _condition.AVAILABLE:
+        cond = _condition.semaphore_condition(lock)
         while not lock.acquire(False):
             with cond:
-                if not _wait_until(cond, lambda: _cpython.semaphore_is_free(lock), token, deadline):
+                free = functools.partial(_condition.semaphore_is_free, lock)
+                if not _wait_until(cond, free, token, deadline):
                     return False
         return True
 
@@ -195,7 +197,7 @@ def _queue_op(
         return op(True, timeout)
     putting = api == "queue_put"
     busy = queue.Full if putting else queue.Empty
-    if not _cpython.AVAILABLE:
+    if not _condition.AVAILABLE:
         done: list[T] = []
 
         def attempt(seconds: float) -> bool:
@@ -208,9 +210,9 @@ def _queue_op(
         if wait_sliced(attempt, token, deadline):
             return done[0]
         raise busy
-    not_empty, not_full = _cpython.queue_conditions(q)
+    not_empty, not_full = _condition.queue_conditions(q)
     cond, blocked = (
-        (not_full, _cpython.queue_is_full) if putting else (not_empty, _cpython.queue_is_empty)
+        (not_full, _condition.queue_is_full) if putting else (not_empty, _condition.queue_is_empty)
     )
     while True:
         try:
@@ -263,8 +265,8 @@ def future_result(
     token, deadline, never = begin("future_result", token, timeout)
     if never:
         return fut.result(timeout)
-    if _cpython.AVAILABLE:
-        cond = _cpython.future_condition(fut)
+    if _condition.AVAILABLE:
+        cond = _condition.future_condition(fut)
         with cond:
             _wait_until(cond, fut.done, token, deadline)
     else:
