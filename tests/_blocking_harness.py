@@ -1,5 +1,9 @@
 """Shared by the blocking tests: a worker thread, and one harness per primitive that can
-put a wrapped call in a state where it blocks."""
+put a wrapped call in a state where it blocks.
+
+`Worker` makes a token current in its thread by hand (`bridgecancel._tokens._current`),
+as a bridgecancel worker would; it will use the public `use_token` once that exists.
+"""
 
 from __future__ import annotations
 

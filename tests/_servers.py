@@ -17,14 +17,19 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.from_thread
+import trio
 
 import bridgecancel
-from bridgecancel._backend import on_trio as _on_trio
 
 # How long a worker would block if nobody cancelled it; a test that waits this long failed.
 FOREVER = 30.0
 # Generous bound for "promptly" (a test is not a benchmark; the benchmarks measure it).
 PROMPTLY = 2.0
+
+
+def on_trio() -> bool:
+    """True if the calling task runs on trio (else on asyncio)."""
+    return trio.lowlevel.in_trio_task()
 
 
 def listening_socket() -> socket.socket:
@@ -89,7 +94,7 @@ async def _hypercorn(app: Any) -> AsyncIterator[int]:
     config.errorlog = None
     config.graceful_timeout = 5
     stop = anyio.Event()
-    if _on_trio():
+    if on_trio():
         from hypercorn.trio import serve as serve_hypercorn
     else:
         from hypercorn.asyncio import serve as serve_hypercorn

@@ -1,4 +1,8 @@
-"""The demo's web case (`bridgecancel._demo.web.web_disconnect`) under its real servers."""
+"""The demo's web case (`bridgecancel._demo.web.web_disconnect`) under its real servers.
+
+Private: the demo's cases are reached only through ``python -m bridgecancel demo``
+(test_demo.py runs that whole), so its web row is checked by calling the case directly.
+"""
 
 from __future__ import annotations
 

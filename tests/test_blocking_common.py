@@ -1,4 +1,9 @@
-"""Tests for _blocking_common: the opening every wait shares, and the one sliced wait."""
+"""The opening every `bridgecancel.blocking` wait shares, and the one sliced wait.
+
+Private (`bridgecancel.blocking._common`): `begin` and `wait_sliced` are the parts every
+wait is built from and have no public surface; what users see of them (the token, the
+timeout check, the slices) is tested through `bridgecancel.blocking` in test_blocking.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Tests for _blocking_subprocess and _child_stop: waiting for, and stopping, child processes."""
+"""`bridgecancel.blocking`'s process waits: waiting for, and stopping, child processes.
+
+The last tests are private: the process-group watcher (`bridgecancel.blocking._subprocess`,
+how a stopped child's group is known to be empty without scanning /proc every time) and
+the /proc and pidfd helpers (`bridgecancel._util`) have no public surface of their own.
+"""
 
 from __future__ import annotations
 

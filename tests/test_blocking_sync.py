@@ -1,4 +1,4 @@
-"""Tests for _blocking_sync: what is particular to threading, queue and futures waits."""
+"""`bridgecancel.blocking`: what is particular to threading, queue and futures waits."""
 
 from __future__ import annotations
 

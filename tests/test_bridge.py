@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._bridge`: `open_token` (scope to token), `cancel_on` (token to scope).
+"""`open_token` (scope to token) and `cancel_on` (token to scope).
 
 Async tests run on asyncio and trio through anyio; a few drive the bridge from plain
 `asyncio.run` and `trio.run`. Threads are held on events or tokens, never on sleeps.

@@ -1,4 +1,9 @@
-"""Tests for _cpython: the start-up probe, and the sliced fallback when it fails."""
+"""The CPython-internals probe of `bridgecancel.blocking`, and the fallback when it fails.
+
+Private (`bridgecancel.blocking._condition` and `_sync`): the probe and the switch to
+sliced waits happen at import, with no public surface; the tests break the internals
+on purpose and check that every public wait still keeps its promises.
+"""
 
 from __future__ import annotations
 

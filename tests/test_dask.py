@@ -5,6 +5,8 @@ a child process started once for this module, so its workers, and the workers th
 restart after the crash test, are grandchildren the leak check does not count; the client
 and its threads are made (and warmed up) before any test's leak snapshot.
 Tasks report to the test over loopback TCP, so the tests wait on events, not sleeps.
+The demo's cluster row runs the demo's private case (`bridgecancel._demo.cluster`), which
+has no public surface but ``python -m bridgecancel demo``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Tests for the demo (``python -m bridgecancel demo``) and the command line around it."""
+"""The demo (``python -m bridgecancel demo``) and the command line around it.
+
+A few tests look inside the demo's private package (`bridgecancel._demo`): its list of
+cases, and that its worker-side module imports no async library. The demo has no public
+surface but the command line, which the other tests run.
+"""
 
 from __future__ import annotations
 

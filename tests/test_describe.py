@@ -1,4 +1,8 @@
-"""Tests for `bridgecancel._describe`: how messages name a function, on both sides."""
+"""How messages name a function, on both sides of a process job.
+
+Private (`bridgecancel._util.describe`, and the worker's `bridgecancel._process._child`):
+a helper with no public surface, except the error messages that use it.
+"""
 
 from __future__ import annotations
 

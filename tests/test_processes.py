@@ -24,16 +24,16 @@ import trio
 
 import _proc_helpers as h
 import bridgecancel
-from bridgecancel import BrokenWorkerError
-from bridgecancel._process._pool import pool
-from bridgecancel._process._run import (
-    DEFAULT_INTERRUPT_AFTER,
-    DEFAULT_KILL_AFTER,
+from bridgecancel import (
+    BrokenWorkerError,
     RemoteTraceback,
     current_default_process_limiter,
-    idle_worker_pids,
     run_process,
 )
+
+# Still private here: idle_worker_pids is moving from the package's top level to
+# bridgecancel.testing (issue 14); import it from there once it has arrived.
+from bridgecancel._process._run import idle_worker_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -150,8 +150,8 @@ async def test_defaults_are_documented_values() -> None:
     import inspect
 
     params = inspect.signature(run_process).parameters
-    assert params["interrupt_after"].default == DEFAULT_INTERRUPT_AFTER == 1.0
-    assert params["kill_after"].default == DEFAULT_KILL_AFTER == 2.0
+    assert params["interrupt_after"].default == 1.0
+    assert params["kill_after"].default == 2.0
     assert params["limiter"].default is None
 
 
@@ -541,20 +541,11 @@ def test_plain_trio_move_on_after(tmp_path: Path) -> None:
 # -- the pool's life -----------------------------------------------------------------------
 
 
-async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool, "idle_timeout", 0.2)  # every idle worker retires now
-    worker = await run_process(h.pid)
-    with anyio.fail_after(10):
-        while worker in idle_worker_pids() or Path(f"/proc/{worker}").exists():
-            await anyio.sleep(0.02)
-    assert not idle_worker_pids()
-
-
 PARENT_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
     import _proc_helpers as h
-    from bridgecancel._process._run import run_process
+    from bridgecancel import run_process
 
     async def main():
         await run_process(h.{func}, sys.argv[1])
@@ -594,7 +585,7 @@ def test_busy_worker_exits_when_parent_is_killed(tmp_path: Path, anyio_backend: 
 EXIT_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from bridgecancel._process._run import run_process, idle_worker_pids
+    from bridgecancel import run_process
 
     async def main():
         print(await run_process(eval, "sorted(__import__('sys').modules)"))
@@ -621,7 +612,7 @@ def test_worker_imports_no_anyio_and_exits_with_interpreter(anyio_backend: str) 
 MAIN_SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from bridgecancel._process._run import run_process
+    from bridgecancel import run_process
 
     def triple(x):
         return 3 * x

@@ -1,4 +1,9 @@
-"""The recipes in examples/recipe_*.py, run against the real library."""
+"""The recipes in examples/recipe_*.py, run against the real library.
+
+One test makes a token current by hand (`bridgecancel._tokens._current`), to run a
+recipe's worker side without the bridge; it will use the public `use_token` once that
+exists.
+"""
 
 from __future__ import annotations
 

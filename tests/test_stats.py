@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._stats`: `statistics()` and the ``bridgecancel`` logger.
+"""`statistics()` and the ``bridgecancel`` logger.
 
 Here for thread jobs (``run_sync``); `tests/test_processes.py` covers process jobs.
 Counts are global, so each test compares against a snapshot taken before it.

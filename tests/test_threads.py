@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._threads`: `run_sync`, a drop-in for `anyio.to_thread.run_sync`.
+"""`run_sync`, a drop-in for `anyio.to_thread.run_sync`.
 
 Async tests run on asyncio and trio through anyio; the plain-asyncio and plain-trio tests
 drive `run_sync` from `asyncio.run` and `trio.run` directly. Worker threads are held on

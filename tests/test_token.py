@@ -1,4 +1,11 @@
-"""Tests for `bridgecancel._token`: sources, tokens, callbacks, children, deadlines."""
+"""Tokens: sources, tokens, callbacks, children, deadlines.
+
+Through the public API, except where there is none: the tests look at the deadline
+timer's pending entries (`bridgecancel._timer`) to show a token leaves nothing behind,
+make a token current in a context by hand (`bridgecancel._tokens._current`, until
+`use_token` is public), and the last section tests the token internals the bridge relies
+on (`_cancel_detached`, `_on_cancel_inline`, `informative_source`), which users never call.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +35,12 @@ from bridgecancel import (
     CancelSource,
     CancelToken,
     Registration,
+    _timer,
+    _tokens,
     any_of,
     check_cancelled,
     current_token,
 )
-from bridgecancel import _timer as _token_daemons
-from bridgecancel import _tokens as _token
-from bridgecancel import _tokens as _token_current
 
 TIMER_NAME = "bridgecancel deadline timer"
 # Generous: the machine is shared; these bound "promptly", they do not measure speed.
@@ -55,7 +61,7 @@ def _assert_no_timer_thread() -> None:
     for thread in _timer_threads():
         thread.join(PATIENCE)
     assert _timer_threads() == []
-    assert _token_daemons.timer.pending() == 0
+    assert _timer.timer.pending() == 0
 
 
 def _in_thread(fn: Callable[[], object]) -> threading.Thread:
@@ -427,9 +433,9 @@ def test_timer_thread_lives_only_while_deadlines_are_pending(
     other = CancelSource(deadline=time.monotonic() + 100)
     source = CancelSource(deadline=time.monotonic() + 100)
     assert len(_timer_threads()) == 1
-    assert _token_daemons.timer.pending() == 2
+    assert _timer.timer.pending() == 2
     end(source)
-    assert _token_daemons.timer.pending() == 1
+    assert _timer.timer.pending() == 1
     assert len(_timer_threads()) == 1  # `other` still pending
     other.close()
     _assert_no_timer_thread()
@@ -1171,7 +1177,7 @@ def test_current_token_inside_a_worker_context_is_that_token() -> None:
         assert excinfo.value.reason == "job cancelled"
 
     context = contextvars.copy_context()
-    context.run(_token_current._current.set, source.token)
+    context.run(_tokens._current.set, source.token)
     context.run(in_worker)
     # The outer context is untouched.
     assert current_token() is not source.token
@@ -1470,11 +1476,11 @@ def test_informative_source_reports_its_deadline_but_never_fires_by_itself(
     no_timer: None,
 ) -> None:
     deadline = time.monotonic() + 0.05
-    source = _token.informative_source(deadline)
+    source = _tokens.informative_source(deadline)
     token = source.token
     assert token.deadline == deadline == source.deadline
     assert 0 < token.remaining() <= 0.05
-    assert _token_daemons.timer.pending() == 0  # no timer entry
+    assert _timer.timer.pending() == 0  # no timer entry
     assert not token.wait(0.2)  # well past the deadline
     assert token.remaining() == 0.0
     assert not token.cancel_called
@@ -1484,13 +1490,13 @@ def test_informative_source_reports_its_deadline_but_never_fires_by_itself(
 
 
 def test_informative_source_past_deadline_is_not_cancelled() -> None:
-    source = _token.informative_source(time.monotonic() - 1)
+    source = _tokens.informative_source(time.monotonic() - 1)
     assert not source.token.cancel_called
     assert source.token.remaining() == 0.0
 
 
 def test_child_of_an_informative_token_fires_at_its_own_deadline_only() -> None:
-    parent = _token.informative_source(time.monotonic() - 1)  # already "passed"
+    parent = _tokens.informative_source(time.monotonic() - 1)  # already "passed"
     plain = parent.token.child()
     assert plain.token.deadline == parent.token.deadline  # reported
     own = time.monotonic() + 0.05
@@ -1509,13 +1515,13 @@ def test_child_of_an_informative_token_fires_at_its_own_deadline_only() -> None:
 
 def test_informative_source_checks_its_deadline() -> None:
     with pytest.raises(ValueError, match="NaN"):
-        _token.informative_source(math.nan)
+        _tokens.informative_source(math.nan)
     with pytest.raises(TypeError, match="monotonic"):
-        _token.informative_source("soon")  # type: ignore[arg-type]
+        _tokens.informative_source("soon")  # type: ignore[arg-type]
 
 
 def test_any_of_an_informative_token_reports_but_does_not_fire_at_its_deadline() -> None:
-    informative = _token.informative_source(time.monotonic() - 1)
+    informative = _tokens.informative_source(time.monotonic() - 1)
     combined = any_of(informative.token)
     assert combined.token.deadline == informative.token.deadline
     assert not combined.token.wait(0.05)

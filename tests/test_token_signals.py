@@ -4,6 +4,8 @@ A repeating interval timer (``setitimer``) sends SIGALRM every 50 µs to a proce
 main thread runs an event loop (asyncio or trio) and uses tokens in every way, while
 the handler cancels the very source the main thread is using. Each storm runs in a
 subprocess with a timeout, so a hang fails the test rather than the run.
+One test counts a token's waiters through its private ``_wait_locks``: no public call
+says how many threads wait on a token.
 """
 
 from __future__ import annotations
