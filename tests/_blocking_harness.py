@@ -282,7 +282,7 @@ class SemaphoreHarness(CondHarness):
         assert blocking.acquire(self.sem, 0.05, token=token) is False
 
     def assert_unchanged(self) -> None:
-        assert self.sem._value == 0  # type: ignore[attr-defined]
+        assert self.sem._value == 0
         self.assert_no_waiters()
 
 
@@ -342,7 +342,7 @@ class QueuePutHarness(CondHarness):
 class FutureHarness(CondHarness):
     def __init__(self) -> None:
         self.fut: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self.cond = self.fut._condition  # type: ignore[attr-defined]
+        self.cond = self.fut._condition
 
     def block(self, token: CancelToken | None) -> Any:
         return blocking.future_result(self.fut, token=token)

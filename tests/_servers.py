@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,6 +94,7 @@ async def _hypercorn(app: Any) -> AsyncIterator[int]:
     config.errorlog = None
     config.graceful_timeout = 5
     stop = anyio.Event()
+    serve_hypercorn: Callable[..., Awaitable[None]]  # the same call on either backend
     if on_trio():
         from hypercorn.trio import serve as serve_hypercorn
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from bridgecancel.asgi import CancelOnDisconnectMiddleware
 
 pytestmark = pytest.mark.anyio
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]  # as the ASGI spec (and the middleware) types it
 App = Callable[..., Any]
 
 

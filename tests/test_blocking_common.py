@@ -50,7 +50,7 @@ def test_seconds_are_checked_once_for_every_caller(
     value: object, error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=f"caller\\(\\) grace must be a {match}"):
-        check_seconds(value, "caller", "grace")  # type: ignore[arg-type]
+        check_seconds(value, "caller", "grace")
     assert check_seconds(math.inf, "caller", "grace") == math.inf
     assert check_seconds(0, "caller", "grace") == 0.0
 

@@ -35,7 +35,7 @@ def test_the_probe_passes_on_this_cpython() -> None:
     assert _cpython.AVAILABLE is True
 
 
-def _without(cls: type, attribute: str) -> type:
+def _without(cls: type[Any], attribute: str) -> type:
     """A subclass of `cls` whose instances lack the attribute `__init__` gives them."""
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -116,7 +116,8 @@ def probe_failed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     assert available is False
     monkeypatch.setattr(_cpython, "AVAILABLE", available)
     entered: list[float] = []
-    sliced = _blocking_sync.wait_sliced
+    sliced: Callable[[Callable[[float], bool], CancelToken, float | None], bool]
+    sliced = vars(_blocking_sync)["wait_sliced"]  # the one the sync waits call
 
     def spy(attempt: Callable[[float], bool], token: CancelToken, deadline: float | None) -> bool:
         entered.append(math.inf if deadline is None else deadline)

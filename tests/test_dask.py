@@ -208,6 +208,14 @@ async def _reports() -> AsyncIterator[_Reports]:
         group.cancel_scope.cancel()
 
 
+def _scheduler_address(client: distributed.Client) -> str:
+    """Where `client`'s scheduler listens, for a second client of the same cluster."""
+    assert client.scheduler is not None  # a connected client
+    address = client.scheduler.address
+    assert isinstance(address, str)
+    return address
+
+
 async def _wait_for_workers(client: distributed.Client, count: int) -> None:
     await anyio.to_thread.run_sync(lambda: client.wait_for_workers(count, timeout=30))
 
@@ -421,18 +429,18 @@ async def test_bad_input(client: distributed.Client) -> None:
     with pytest.raises(pickle.PicklingError, match="argument 0"):
         await run_on_cluster(client, _add, threading.Lock(), 1)  # type: ignore[arg-type]
     with pytest.raises(pickle.PicklingError, match=r"cannot send .*_add"):
-        await run_on_cluster(client, functools.partial(_add, threading.Lock()), 1)
+        await run_on_cluster(client, functools.partial(_add, threading.Lock()), 1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown option"):
         await run_on_cluster(client, _add, 1, 2, timeout=3)
     with pytest.raises(TypeError, match="async function"):
-        await run_on_cluster(client, _async_add, 1, 2)
+        await run_on_cluster(client, _async_add, 1, 2)  # type: ignore[unused-coroutine]
     with pytest.raises(TypeError, match=r"distributed\.Client"):
         await run_on_cluster(object(), _add, 1, 2)  # type: ignore[arg-type]
     assert await run_on_cluster(client, _add, 1, 2) == 3  # nothing else affected
 
 
 async def test_closed_client(client: distributed.Client) -> None:
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     await anyio.to_thread.run_sync(other.close)
     with pytest.raises(RuntimeError, match="closed"):
         await run_on_cluster(other, _add, 1, 2)
@@ -440,7 +448,7 @@ async def test_closed_client(client: distributed.Client) -> None:
 
 
 async def test_client_closed_mid_call_stops_task(client: distributed.Client) -> None:
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     try:
         async with _reports() as reports:
             async with anyio.create_task_group() as group:
@@ -462,7 +470,7 @@ async def test_client_closed_mid_call_stops_task(client: distributed.Client) -> 
 async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -> None:
     """A new client registering the plugins must not wipe the scheduler's call records."""
     before = bridgecancel.statistics().cluster
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     try:
         async with _reports() as reports, anyio.create_task_group() as group:
             scope = anyio.CancelScope()
@@ -489,7 +497,7 @@ def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -
 
     async def main() -> tuple[list[str], int]:
         async with await distributed.Client(
-            client.scheduler.address, asynchronous=True
+            _scheduler_address(client), asynchronous=True
         ) as async_client, _reports() as reports:
             task = asyncio.ensure_future(
                 run_on_cluster(async_client, _wait_for_cancel, reports.port)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -165,10 +165,11 @@ def test_pg_disarm_waits_for_a_cancel_on_its_way() -> None:
     firing.start()
     assert sending.wait(PATIENCE)
     disarmed: list[float] = []
-    disarming = threading.Thread(
-        target=lambda: (canceller.disarm(), disarmed.append(time.monotonic())),
-        name="test disarm",
-    )
+    def disarm() -> None:
+        canceller.disarm()
+        disarmed.append(time.monotonic())
+
+    disarming = threading.Thread(target=disarm, name="test disarm")
     disarming.start()
     disarming.join(0.2)
     assert disarming.is_alive()  # still waiting: the cancel is on its way
@@ -212,21 +213,24 @@ async def serve(server: str, backend: str, app: Any) -> AsyncIterator[int]:
     else:
         from hypercorn.config import Config
 
+        hypercorn_serve: Callable[..., Coroutine[Any, Any, None]]  # the same call on either backend
         if backend == "trio":
             from hypercorn.trio import serve as hypercorn_serve
         else:
             from hypercorn.asyncio import serve as hypercorn_serve
         listener = listening_socket()
         port = listener.getsockname()[1]
-        config = Config()
-        config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = PATIENCE
+        hypercorn_config = Config()
+        hypercorn_config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
+        hypercorn_config.accesslog = None
+        hypercorn_config.errorlog = None
+        hypercorn_config.graceful_timeout = PATIENCE
         stop = anyio.Event()
         async with anyio.create_task_group() as group:
             group.start_soon(
-                lambda: hypercorn_serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+                lambda: hypercorn_serve(
+                    app, hypercorn_config, shutdown_trigger=stop.wait, mode="asgi"
+                )
             )
             try:
                 # hypercorn accepts connections only once the lifespan startup is done: a

@@ -99,7 +99,7 @@ async def test_a_running_job_fails(anyio_backend: str) -> None:
 
     async def leave_a_job_running(group: anyio.abc.TaskGroup) -> None:
         with check_no_leaks(settle=0.1):
-            group.start_soon(bridgecancel.run_sync, release.wait)
+            group.start_soon(lambda: bridgecancel.run_sync(release.wait))
             with anyio.fail_after(10):
                 while not bridgecancel.statistics().threads.running:
                     await anyio.sleep(0.001)

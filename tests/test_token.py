@@ -75,7 +75,7 @@ def _join(thread: threading.Thread) -> None:
     assert not thread.is_alive(), "thread did not finish: deadlock?"
 
 
-def _callbacks(token: CancelToken) -> dict[Registration, None]:
+def _callbacks(token: CancelToken) -> dict[Registration, int]:
     callbacks = token._callbacks
     assert callbacks is not None
     return callbacks
@@ -1358,7 +1358,7 @@ def test_cancel_called_is_a_plain_slot_users_cannot_assign() -> None:
     with pytest.raises(AttributeError, match="read-only"):
         token.cancel_called = True  # type: ignore[misc]
     with pytest.raises(AttributeError, match="read-only"):
-        token._reason = "forged"  # type: ignore[misc]
+        token._reason = "forged"
     assert token.cancel_called is False
     assert token.reason is None
 
@@ -1388,7 +1388,12 @@ def test_cancel_detached_wakes_every_waiter_in_the_calling_thread(
 
     token.on_cancel(user_callback)
     waiter_woke = threading.Event()
-    waiter = _in_thread(lambda: token.wait() and waiter_woke.set())
+
+    def wait_then_mark() -> None:
+        if token.wait():
+            waiter_woke.set()
+
+    waiter = _in_thread(wait_then_mark)
     fd = token.fileno()
 
     source._cancel_detached("scope cancelled")
@@ -1413,7 +1418,12 @@ def test_cancel_detached_runs_user_callbacks_of_followers_off_the_caller() -> No
     child = source.token.child()
     threads: list[str] = []
     done = threading.Event()
-    child.token.on_cancel(lambda: (threads.append(threading.current_thread().name), done.set()))
+
+    def record_thread() -> None:
+        threads.append(threading.current_thread().name)
+        done.set()
+
+    child.token.on_cancel(record_thread)
     source._cancel_detached("x")
     assert done.wait(PATIENCE)
     assert threads == ["bridgecancel callbacks"]
@@ -1463,7 +1473,12 @@ def test_cancel_detached_is_idempotent_and_the_first_reason_wins() -> None:
     source = CancelSource()
     calls: list[str] = []
     done = threading.Event()
-    source.token.on_cancel(lambda: (calls.append("ran"), done.set()))
+
+    def record_call() -> None:
+        calls.append("ran")
+        done.set()
+
+    source.token.on_cancel(record_call)
     source.cancel("first")
     source._cancel_detached("second")
     source._cancel_detached("third")

@@ -122,7 +122,12 @@ def test_a_wait_interrupted_by_a_signal_holds_up_no_other_waiter() -> None:
         raise _Interrupted
 
     woke = threading.Event()
-    other = threading.Thread(target=lambda: token.wait(30) and woke.set(), daemon=True)
+
+    def wait_then_mark() -> None:
+        if token.wait(30):
+            woke.set()
+
+    other = threading.Thread(target=wait_then_mark, daemon=True)
     other.start()
     end = time.monotonic() + 5
     while not token._wait_locks and time.monotonic() < end:  # until the other thread waits
