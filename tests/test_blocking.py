@@ -22,7 +22,14 @@ from _blocking_harness import (
 from bridgecancel import Cancelled, CancelSource, CancelToken, blocking
 
 
-@pytest.fixture(params=list(HARNESSES))
+# The sendall harness costs over half a second a test (seconds where it must drain), and
+# the quick subset (-m "not slow") keeps every other primitive.
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=pytest.mark.slow) if name == "sendall" else name
+        for name in HARNESSES
+    ]
+)
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     made = HARNESSES[request.param]()
     try:
@@ -145,6 +152,7 @@ async def test_run_sync_worker_stops_when_its_scope_is_cancelled(
     harness.assert_unchanged()
 
 
+@pytest.mark.slow
 def test_waiting_threads_use_no_cpu(event_driven_harness: Harness) -> None:
     harness = event_driven_harness
     source = CancelSource()

@@ -243,6 +243,7 @@ async def test_token_deadline_is_informative(client: distributed.Client) -> None
     assert 10 < remaining <= 20  # the caller's deadline (informative: see below)
 
 
+@pytest.mark.slow
 async def test_deadline_pushed_back_never_stops_task(client: distributed.Client) -> None:
     """Only the caller's scope fires the token, never the deadline it had at the start."""
     async with _reports() as reports:
@@ -321,6 +322,7 @@ async def test_cancel_seceded_task(client: distributed.Client) -> None:
     assert stopped.startswith("stopped fired=True")
 
 
+@pytest.mark.slow
 async def test_cancel_by_deadline(
     client: distributed.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -355,6 +357,7 @@ async def test_cancel_by_failing_task_group(client: distributed.Client) -> None:
     assert [type(e) for e in info.value.exceptions] == [KeyError]
 
 
+@pytest.mark.slow
 async def test_task_ignoring_token_delivers_result(client: distributed.Client) -> None:
     results: list[Any] = []
     async with _reports() as reports, anyio.create_task_group() as group:
@@ -390,6 +393,7 @@ async def test_retries_rerun_a_task_that_raised(
     assert await run_on_cluster(client, _fail_first_time, marker, retries=1) == "second attempt"
 
 
+@pytest.mark.slow
 async def test_cancelled_before_start_never_starts(client: distributed.Client) -> None:
     async def block(scope: anyio.CancelScope) -> None:
         with scope:
@@ -414,6 +418,7 @@ async def test_cancelled_before_start_never_starts(client: distributed.Client) -
     assert [line.split()[0] for line in lines] == ["stopped", "stopped"], lines
 
 
+@pytest.mark.slow
 async def test_worker_death_is_one_error(client: distributed.Client) -> None:
     async with _reports() as reports:
         with pytest.raises(BrokenWorkerError, match="was lost"):
@@ -491,6 +496,7 @@ async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -
         await anyio.to_thread.run_sync(other.close)
 
 
+@pytest.mark.slow
 def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -> None:
     """Task.cancel() and wait_for() reach the task, with a Client(asynchronous=True)."""
     import asyncio
@@ -520,6 +526,7 @@ def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -
     assert value == 7
 
 
+@pytest.mark.slow
 def test_demo_row() -> None:
     # In a child process: the demo starts (and closes) a LocalCluster of its own.
     code = (

@@ -262,6 +262,7 @@ def fast_switching() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("fast_switching")
+@pytest.mark.slow
 def test_an_interrupt_due_as_the_job_finishes_never_reaches_the_next_job() -> None:
     """The pooled-thread race: a hammering interrupter, jobs ending at random moments."""
     jobs: queue.Queue[Any] = queue.Queue()

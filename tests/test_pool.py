@@ -79,6 +79,7 @@ def _largest_gap(ticks: list[float]) -> float:
     return max(b - a for a, b in itertools.pairwise(ticks))
 
 
+@pytest.mark.slow
 async def test_a_slow_spawn_never_stalls_other_tasks(
     fresh_pool: Pool, slow_spawn: None
 ) -> None:
@@ -97,6 +98,7 @@ async def test_a_slow_spawn_never_stalls_other_tasks(
     assert worker in fresh_pool.idle_pids()
 
 
+@pytest.mark.slow
 async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool, "idle_timeout", 0.2)  # every idle worker retires now
     worker = await run_process(h.pid)
@@ -113,6 +115,7 @@ async def test_take_reuses_an_idle_worker_without_a_thread(fresh_pool: Pool) -> 
     fresh_pool.give_back(first)
 
 
+@pytest.mark.slow
 async def test_a_caller_that_leaves_while_its_worker_starts_leaks_no_worker(
     fresh_pool: Pool, slow_spawn: None
 ) -> None:
@@ -155,6 +158,7 @@ async def test_an_interrupted_worker_takes_its_grandchild_with_it(tmp_path: Path
             os.kill(grandchild, signal.SIGKILL)
 
 
+@pytest.mark.slow
 async def test_a_worker_retiring_when_idle_takes_its_group_with_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,6 +306,7 @@ async def test_no_deadline_is_infinite() -> None:
     assert await run_process(h.token_deadline) == (math.inf, math.inf)
 
 
+@pytest.mark.slow
 async def test_deadline_in_worker_is_the_callers_timeout(tmp_path: Path) -> None:
     for i in range(3):  # the worker often sees the deadline pass before the caller does
         with pytest.raises(TimeoutError):
@@ -338,6 +339,7 @@ async def test_interrupt_runs_finally_and_retires_worker(
     assert await run_process(h.pid) != worker
 
 
+@pytest.mark.slow
 async def test_kill_takes_the_worker_and_its_child(tmp_path: Path) -> None:
     before = stats()
     marker = tmp_path / "started"
@@ -468,6 +470,7 @@ async def test_keyboard_interrupt_in_worker_propagates() -> None:
 # -- plain asyncio and plain trio ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plain_asyncio_timeout_and_task_cancel(tmp_path: Path) -> None:
     async def main() -> None:
         if sys.version_info >= (3, 11):
@@ -522,6 +525,7 @@ def test_plain_asyncio_second_cancel_during_escalation(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_plain_trio_move_on_after(tmp_path: Path) -> None:
     async def main() -> None:
         with trio.move_on_after(0.2) as scope:
@@ -562,6 +566,7 @@ def _start_parent(func: str, marker: Path, backend: str) -> subprocess.Popen[byt
     )
 
 
+@pytest.mark.slow
 def test_busy_worker_exits_when_parent_is_killed(tmp_path: Path, anyio_backend: str) -> None:
     marker = tmp_path / "started"
     parent = _start_parent("spin", marker, anyio_backend)
@@ -597,6 +602,7 @@ EXIT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_worker_imports_no_anyio_and_exits_with_interpreter(anyio_backend: str) -> None:
     result = run_script(EXIT_SCRIPT, anyio_backend)
     assert result.returncode == 0, result.stderr
@@ -633,6 +639,7 @@ MAIN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_functions_in_main_script_work(tmp_path: Path, anyio_backend: str) -> None:
     script = tmp_path / "script.py"
     script.write_text(MAIN_SCRIPT)
@@ -645,6 +652,7 @@ def test_functions_in_main_script_work(tmp_path: Path, anyio_backend: str) -> No
     assert result.stdout.split() == ["42", "ok"]
 
 
+@pytest.mark.slow
 def test_function_in_interactive_main_names_the_fix(anyio_backend: str) -> None:
     code = MAIN_SCRIPT.replace(  # as if cloudpickle were not installed
         "import sys, anyio", "import sys, anyio; sys.modules['cloudpickle'] = None"

@@ -114,6 +114,7 @@ async def test_pg_query_returns_its_rows(anyio_backend: str, pg_dsn: str) -> Non
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
+@pytest.mark.slow
 async def test_pg_query_stops_on_the_server_when_the_scope_is_cancelled(
     anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any], autocommit: bool
 ) -> None:
@@ -250,6 +251,7 @@ async def client_leaves_after(port: int, path: str) -> AsyncIterator[None]:
         yield
 
 
+@pytest.mark.slow
 class TestUnderRealServers:
     """Each test once per server: uvicorn, hypercorn on asyncio, hypercorn's trio worker."""
 
@@ -438,6 +440,7 @@ async def test_http_download_completes(anyio_backend: str) -> None:
 # -- the script runs as documented ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_postgres_recipe_script_runs(pg_dsn: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "recipe_postgres.py")],

@@ -32,7 +32,7 @@ import pytest
 import _storm_jobs as jobs
 import bridgecancel
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # seconds per storm, by design
 
 SOAK = os.environ.get("BRIDGECANCEL_SOAK") == "1"
 THREAD_JOBS = 4_000 * (20 if SOAK else 1)

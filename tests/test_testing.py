@@ -140,6 +140,7 @@ def test_sync_block_cancelled_by_hand_passes() -> None:
         source.token.check()
 
 
+@pytest.mark.slow
 def test_sync_block_that_stops_late_fails() -> None:
     def stop_late() -> None:
         with assert_cancels_within(0.05, after=0.01) as source:
@@ -205,6 +206,7 @@ async def test_async_block_stops_a_job_waiting_on_its_token(anyio_backend: str) 
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_async_block_with_a_job_ignoring_the_token_fails(anyio_backend: str) -> None:
     started = threading.Event()
     release = threading.Event()
@@ -269,6 +271,7 @@ SETTLE = ["-o", "bridgecancel_leak_settle=0.2"]  # seconds the leak check waits 
 
 
 @pytest.mark.parametrize("load", [["-p", "bridgecancel.testing"], []])
+@pytest.mark.slow
 def test_the_plugin_provides_the_fixture_and_applies_nothing_unasked(
     tmp_path: Path, load: list[str]
 ) -> None:

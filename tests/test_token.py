@@ -393,6 +393,7 @@ def test_deadline_moved_earlier_fires_at_the_new_time() -> None:
     assert source.token.reason == "deadline exceeded"
 
 
+@pytest.mark.slow
 def test_deadline_moved_later_or_removed_does_not_fire_at_the_old_time() -> None:
     start = time.monotonic()
     moved = CancelSource(deadline=start + 0.2)
@@ -856,6 +857,7 @@ def _record(log: list[tuple[int, int]], key: int) -> None:
     log.append((key, threading.get_ident()))
 
 
+@pytest.mark.slow
 def test_register_versus_cancel_loses_no_callback_and_runs_none_twice(
     busy_switching: None,
 ) -> None:
@@ -888,6 +890,7 @@ def test_register_versus_cancel_loses_no_callback_and_runs_none_twice(
     assert threads - set(cancellers)
 
 
+@pytest.mark.slow
 def test_unregister_versus_cancel_runs_exactly_the_callbacks_not_stopped(
     busy_switching: None,
 ) -> None:
@@ -977,6 +980,7 @@ def test_child_fires_when_the_parents_deadline_passes() -> None:
     _assert_no_timer_thread()
 
 
+@pytest.mark.slow
 def test_closed_child_is_forgotten_by_its_parent() -> None:
     parent = CancelSource()
     parent.token.on_cancel(lambda: None)
@@ -1000,6 +1004,7 @@ def test_closed_child_is_not_cancelled_by_its_parent() -> None:
     assert not child.cancel_called
 
 
+@pytest.mark.slow
 def test_dropped_child_is_forgotten_by_its_parent() -> None:
     parent = CancelSource()
     for _ in range(10):

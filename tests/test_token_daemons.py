@@ -128,6 +128,7 @@ def test_exit_never_waits_on_a_lock_a_daemon_thread_holds() -> None:
     assert result.stdout == "done\n"
 
 
+@pytest.mark.slow
 def test_interpreter_exits_with_pending_and_firing_deadlines() -> None:
     runs = 40
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -160,6 +161,7 @@ def _calls_under_long_deadlines(calls: int, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["closed", "dropped", "child"])
+@pytest.mark.slow
 def test_timer_memory_does_not_grow_with_calls_while_a_deadline_is_pending(how: str) -> None:
     unrelated = CancelSource(deadline=time.monotonic() + 3600)
     try:
@@ -179,6 +181,7 @@ def test_timer_memory_does_not_grow_with_calls_while_a_deadline_is_pending(how: 
 
 
 @pytest.mark.parametrize("how", ["closed", "dropped"])
+@pytest.mark.slow
 def test_a_call_costs_the_same_however_many_deadlines_are_pending(how: str) -> None:
     def per_call() -> float:
         start = time.perf_counter()

@@ -92,6 +92,7 @@ anyio.run(main, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.slow
 def test_signal_storm_cancelling_tokens_in_use_never_hangs(backend: str) -> None:
     try:
         result = subprocess.run(

@@ -146,6 +146,7 @@ PARENT = textwrap.dedent(
 BUSY_STATES = ("spin", "wait_on_token", "sleep_in_c", "ignore_signals_and_sleep")
 
 
+@pytest.mark.slow
 def test_workers_never_outlive_a_killed_parent_in_any_state(
     tmp_path: Path, anyio_backend: str
 ) -> None:
