@@ -253,6 +253,7 @@ def test_open_token_under_plain_trio() -> None:
 def test_open_token_under_plain_asyncio_timeout() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> CancelToken:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05), open_token() as token:

@@ -342,6 +342,7 @@ async def _plain_run_sync(running: threading.Event) -> str:
 def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
@@ -358,6 +359,7 @@ def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
 def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
@@ -427,6 +429,7 @@ def test_plain_asyncio_bare_task_cancel_of_a_returning_task_is_not_lost() -> Non
 def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         noticed, release = threading.Event(), threading.Event()

@@ -641,6 +641,7 @@ def _asyncio_started(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> N
 def test_asyncio_timeout_cancels_the_worker() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("uses asyncio API that is new in Python 3.11")
+
     tokens: list[CancelToken] = []
 
     def job() -> None:
@@ -662,6 +663,7 @@ def test_asyncio_timeout_cancels_the_worker() -> None:
 def test_asyncio_timeout_keeps_a_late_result_and_still_times_out() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("uses asyncio API that is new in Python 3.11")
+
     reached: list[str] = []
 
     def job() -> str:
@@ -737,6 +739,7 @@ def test_asyncio_task_cancel_delivers_result_then_cancels_again() -> None:
 def test_asyncio_task_group_failure_cancels_the_worker() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("uses asyncio API that is new in Python 3.11")
+
     tokens: list[CancelToken] = []
 
     async def main() -> None:
