@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 
@@ -87,7 +88,7 @@ def test_semaphore_release_reaches_a_waiter_after_a_cancel() -> None:
 def test_many_cancelled_waiters_leave_the_queue_working() -> None:
     q: queue.Queue[int] = queue.Queue()
     sources = [CancelSource() for _ in range(20)]
-    workers = [Worker(lambda s=s: blocking.queue_get(q, token=s.token)) for s in sources]  # type: ignore[misc]
+    workers = [Worker(functools.partial(blocking.queue_get, q, token=s.token)) for s in sources]
     wait_until(lambda: len(q.not_empty._waiters) == 20, "all wait")  # type: ignore[attr-defined]
     for source in sources[::2]:
         source.cancel()
