@@ -95,7 +95,7 @@ def _callers(backend: str) -> dict[str, tuple[Call, Call]]:
     """Per library: (plain call, call that stops its worker on cancel)."""
     import anyio.to_process
 
-    from bridgecancel._process._run import run_process
+    from bridgecancel import run_process
 
     callers: dict[str, tuple[Call, Call]] = {
         "bridgecancel": (run_process, run_process),
@@ -160,7 +160,7 @@ async def _cancel_then_next(
 
 
 async def _bench_trio(quick: bool) -> dict[str, Any]:
-    from bridgecancel._process._run import run_process
+    from bridgecancel import run_process
 
     module = _worker_module()
     n_noop, n_cancel, n_forced = (1000, 30, 10) if quick else (3000, 200, 30)
@@ -206,7 +206,7 @@ import os, sys, time
 lib = sys.argv[1]
 import trio
 if lib == "bridgecancel":
-    from bridgecancel._process._run import run_process as call
+    from bridgecancel import run_process as call
 elif lib == "trio_parallel":
     from trio_parallel import run_sync as call
 else:

@@ -29,8 +29,7 @@ from typing import Any
 if __name__ == "__main__":  # run as a script: make the sibling _harness importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
-from bridgecancel import CancelSource
-from bridgecancel import _timer as _token_daemons
+from bridgecancel import CancelSource, _timer
 
 AREA = "token"
 CANCEL_CALLED = "token.cancel_called"
@@ -119,7 +118,7 @@ def bench_timer(calls: int, blocks: int, kind: str) -> dict[str, Any]:
                 held.append(tracemalloc.get_traced_memory()[0] - base)
         finally:
             tracemalloc.stop()
-        pending = _token_daemons.timer.pending()
+        pending = _timer.timer.pending()
     finally:
         unrelated.close()
     quarter = max(1, blocks // 4)

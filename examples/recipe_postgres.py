@@ -1,9 +1,9 @@
 """Recipe: a web request whose client leaves stops its PostgreSQL query on the server.
 
-    BRIDGECANCEL_TEST_PG_DSN="host=127.0.0.1 port=54329 user=bridgecancel" \\
+    BRIDGECANCEL_TEST_PG_DSN="host=127.0.0.1 port=<port> user=bridgecancel" \\
         python examples/recipe_postgres.py
 
-(``bash .ci/postgres.sh`` starts such a server and prints its DSN.)
+(``bash .ci/postgres.sh`` starts such a server on a free port and prints its DSN.)
 
 A FastAPI endpoint runs ``SELECT pg_sleep(30)`` with psycopg 3 through `run_sync`, under
 `CancelOnDisconnectMiddleware`. When the client closes its socket, the middleware cancels

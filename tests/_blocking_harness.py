@@ -1,5 +1,9 @@
 """Shared by the blocking tests: a worker thread, and one harness per primitive that can
-put a wrapped call in a state where it blocks."""
+put a wrapped call in a state where it blocks.
+
+`Worker` makes a token current in its thread by hand (`bridgecancel._tokens._current`),
+as a bridgecancel worker would; it will use the public `use_token` once that exists.
+"""
 
 from __future__ import annotations
 
@@ -278,7 +282,7 @@ class SemaphoreHarness(CondHarness):
         assert blocking.acquire(self.sem, 0.05, token=token) is False
 
     def assert_unchanged(self) -> None:
-        assert self.sem._value == 0  # type: ignore[attr-defined]
+        assert self.sem._value == 0
         self.assert_no_waiters()
 
 
@@ -338,7 +342,7 @@ class QueuePutHarness(CondHarness):
 class FutureHarness(CondHarness):
     def __init__(self) -> None:
         self.fut: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self.cond = self.fut._condition  # type: ignore[attr-defined]
+        self.cond = self.fut._condition
 
     def block(self, token: CancelToken | None) -> Any:
         return blocking.future_result(self.fut, token=token)

@@ -10,21 +10,26 @@ from __future__ import annotations
 import math
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.from_thread
+import trio
 
 import bridgecancel
-from bridgecancel._backend import on_trio as _on_trio
 
 # How long a worker would block if nobody cancelled it; a test that waits this long failed.
 FOREVER = 30.0
 # Generous bound for "promptly" (a test is not a benchmark; the benchmarks measure it).
 PROMPTLY = 2.0
+
+
+def on_trio() -> bool:
+    """True if the calling task runs on trio (else on asyncio)."""
+    return trio.lowlevel.in_trio_task()
 
 
 def listening_socket() -> socket.socket:
@@ -89,7 +94,8 @@ async def _hypercorn(app: Any) -> AsyncIterator[int]:
     config.errorlog = None
     config.graceful_timeout = 5
     stop = anyio.Event()
-    if _on_trio():
+    serve_hypercorn: Callable[..., Awaitable[None]]  # the same call on either backend
+    if on_trio():
         from hypercorn.trio import serve as serve_hypercorn
     else:
         from hypercorn.asyncio import serve as serve_hypercorn

@@ -34,7 +34,8 @@ def no_leaks(no_leaked_workers: None) -> None:
     ]
 )
 def server_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
+    server_and_backend: tuple[str, str] = request.param
+    return server_and_backend
 
 
 @pytest.fixture

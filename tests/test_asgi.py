@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from bridgecancel.asgi import CancelOnDisconnectMiddleware
 
 pytestmark = pytest.mark.anyio
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]  # as the ASGI spec (and the middleware) types it
 App = Callable[..., Any]
 
 
@@ -107,6 +107,7 @@ async def test_client_leaving_mid_request_stops_the_worker(server: str, keep_ali
         await still_serving(port)
 
 
+@pytest.mark.slow
 async def test_without_the_middleware_the_server_does_not_cancel(server: str) -> None:
     """Why the middleware exists: the server leaves a handler running after its client left."""
     probe = Probe()
@@ -141,6 +142,7 @@ async def test_a_client_that_waits_gets_its_response(server: str) -> None:
         assert not probe.cancelled
 
 
+@pytest.mark.slow
 async def test_a_disconnect_after_the_response_cancels_nothing(server: str) -> None:
     """Servers report a disconnect as the response completes; work after it runs on."""
     probe = Probe()
@@ -312,6 +314,7 @@ async def test_deadline_before_the_response_answers_503(server: str) -> None:
         await still_serving(port)
 
 
+@pytest.mark.slow
 async def test_deadline_after_the_response_started_closes_the_connection(server: str) -> None:
     probe = Probe()
 
@@ -337,6 +340,7 @@ async def test_deadline_after_the_response_started_closes_the_connection(server:
         await still_serving(port)
 
 
+@pytest.mark.slow
 async def test_deadline_does_not_cut_a_response_that_completed(server: str) -> None:
     probe = Probe()
 

@@ -1,4 +1,8 @@
-"""The demo's web case (`bridgecancel._demo.web.web_disconnect`) under its real servers."""
+"""The demo's web case (`bridgecancel._demo.web.web_disconnect`) under its real servers.
+
+Private: the demo's cases are reached only through ``python -m bridgecancel demo``
+(test_demo.py runs that whole), so its web row is checked by calling the case directly.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from bridgecancel._demo.web import WORK_SECONDS, web_disconnect
 ROW_KEYS = ("case", "backend", "settings", "bridgecancel", "anchor")
 
 
+@pytest.mark.slow
 def test_web_case_row_shows_the_thread_stopped_beside_the_anchor(anyio_backend: str) -> None:
     row = anyio.run(web_disconnect, anyio_backend, backend=anyio_backend)
     assert tuple(row) == ROW_KEYS

@@ -121,7 +121,16 @@ def example_server(request: pytest.FixtureRequest) -> Iterator[_Server]:
         server.stop()
 
 
-@pytest.mark.parametrize("example_server", list(CASES), indirect=True)
+# Each example is a server started in a subprocess (half a second or more); the quick
+# subset (-m "not slow") keeps the one with the lightest framework.
+@pytest.mark.parametrize(
+    "example_server",
+    [
+        name if name == "web_starlette" else pytest.param(name, marks=pytest.mark.slow)
+        for name in CASES
+    ],
+    indirect=True,
+)
 def test_example_stops_its_work_when_the_client_leaves(
     example_server: _Server, request: pytest.FixtureRequest
 ) -> None:

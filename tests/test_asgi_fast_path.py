@@ -4,6 +4,10 @@ The middleware starts its watcher (the task that reads the server's ``receive``)
 when the app first waits: an app that answers without waiting costs no task, and a
 watcher that was started never outlives its request. Runs under uvicorn (asyncio) and
 hypercorn on both of its workers.
+
+The tests find the watcher by its task name, the one private name they use
+(`bridgecancel.asgi._WATCHER_NAME`): whether a task runs is what the cheap path is about,
+and the middleware has no public way to say so.
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ from typing import Any
 import anyio
 import pytest
 
-from _servers import Probe, connect, fetch, http_request, leave_while_blocked, read_all, serve
-from bridgecancel._backend import on_trio as _on_trio
+from _servers import (
+    Probe,
+    connect,
+    fetch,
+    http_request,
+    leave_while_blocked,
+    on_trio,
+    read_all,
+    serve,
+)
 from bridgecancel.asgi import _WATCHER_NAME, CancelOnDisconnectMiddleware
 from test_asgi import Scope, assert_no_worker_running, respond, still_serving, with_ping
 
@@ -33,7 +45,7 @@ def anyio_backend(server_and_backend: tuple[str, str]) -> str:
 
 def live_watchers() -> list[str]:
     """Names of the middleware's watcher tasks still alive in this event loop."""
-    if not _on_trio():
+    if not on_trio():
         return [
             task.get_name()
             for task in asyncio.all_tasks()

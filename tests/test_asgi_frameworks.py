@@ -240,8 +240,8 @@ def django_asgi() -> Any:
     async def ping(request: Any) -> Any:
         return HttpResponse(b"pong")
 
-    urlconf = types.ModuleType("bridgecancel_test_urls")
-    urlconf.urlpatterns = [path("work", work), path("ping", ping)]  # type: ignore[attr-defined]
+    urlconf: Any = types.ModuleType("bridgecancel_test_urls")  # a module filled in here
+    urlconf.urlpatterns = [path("work", work), path("ping", ping)]
     if not settings.configured:
         settings.configure(
             DEBUG=False,

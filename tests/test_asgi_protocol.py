@@ -9,6 +9,7 @@ The same behaviours under real servers are in test_asgi.py.
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ from bridgecancel.asgi import CancelOnDisconnectMiddleware
 
 pytestmark = pytest.mark.anyio
 
-Message = dict[str, Any]
+Message = MutableMapping[str, Any]  # as the ASGI spec (and the middleware) types it
 HTTP_SCOPE: dict[str, Any] = {"type": "http", "method": "POST", "path": "/", "headers": []}
 
 

@@ -22,7 +22,14 @@ from _blocking_harness import (
 from bridgecancel import Cancelled, CancelSource, CancelToken, blocking
 
 
-@pytest.fixture(params=list(HARNESSES))
+# The sendall harness costs over half a second a test (seconds where it must drain), and
+# the quick subset (-m "not slow") keeps every other primitive.
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=pytest.mark.slow) if name == "sendall" else name
+        for name in HARNESSES
+    ]
+)
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     made = HARNESSES[request.param]()
     try:
@@ -145,6 +152,7 @@ async def test_run_sync_worker_stops_when_its_scope_is_cancelled(
     harness.assert_unchanged()
 
 
+@pytest.mark.slow
 def test_waiting_threads_use_no_cpu(event_driven_harness: Harness) -> None:
     harness = event_driven_harness
     source = CancelSource()
@@ -180,22 +188,22 @@ def test_sliced_lock_wait_notices_cancel_within_a_slice() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: blocking.wait_event(threading.Lock()), TypeError, "threading.Event"),
+        (lambda: blocking.wait_event(threading.Lock()), TypeError, "threading.Event"),  # type: ignore[arg-type]
         (lambda: blocking.wait_event(threading.Event(), -1), ValueError, "non-negative"),
         (lambda: blocking.wait_event(threading.Event(), float("nan")), ValueError, "non-negative"),
-        (lambda: blocking.wait_event(threading.Event(), "1"), TypeError, "number of seconds"),
-        (lambda: blocking.wait_condition(threading.Event(), bool), TypeError, "Condition"),
-        (lambda: blocking.wait_condition(threading.Condition(), 1), TypeError, "predicate"),
-        (lambda: blocking.acquire(object()), TypeError, "Lock, RLock, Semaphore"),
-        (lambda: blocking.queue_get([]), TypeError, "queue.Queue"),
+        (lambda: blocking.wait_event(threading.Event(), "1"), TypeError, "number of seconds"),  # type: ignore[arg-type]
+        (lambda: blocking.wait_condition(threading.Event(), bool), TypeError, "Condition"),  # type: ignore[arg-type]
+        (lambda: blocking.wait_condition(threading.Condition(), 1), TypeError, "predicate"),  # type: ignore[arg-type]
+        (lambda: blocking.acquire(object()), TypeError, "Lock, RLock, Semaphore"),  # type: ignore[arg-type]
+        (lambda: blocking.queue_get([]), TypeError, "queue.Queue"),  # type: ignore[arg-type]
         (lambda: blocking.queue_put(queue.Queue(), 1, -2), ValueError, "non-negative"),
-        (lambda: blocking.future_result(object()), TypeError, "await it instead"),
-        (lambda: blocking.recv(object(), 1), TypeError, "socket.socket"),
-        (lambda: blocking.wait_readable("3"), TypeError, "file descriptor"),
+        (lambda: blocking.future_result(object()), TypeError, "await it instead"),  # type: ignore[arg-type]
+        (lambda: blocking.recv(object(), 1), TypeError, "socket.socket"),  # type: ignore[arg-type]
+        (lambda: blocking.wait_readable("3"), TypeError, "file descriptor"),  # type: ignore[arg-type]
         (lambda: blocking.wait_readable(-1), ValueError, "closed"),
-        (lambda: blocking.wait_process(object()), TypeError, "subprocess.Popen"),
+        (lambda: blocking.wait_process(object()), TypeError, "subprocess.Popen"),  # type: ignore[arg-type]
         (
-            lambda: blocking.wait_event(threading.Event(), token=CancelSource()),
+            lambda: blocking.wait_event(threading.Event(), token=CancelSource()),  # type: ignore[arg-type]
             TypeError,
             "source.token",
         ),

@@ -1,4 +1,9 @@
-"""Tests for _blocking_common: the opening every wait shares, and the one sliced wait."""
+"""The opening every `bridgecancel.blocking` wait shares, and the one sliced wait.
+
+Private (`bridgecancel.blocking._common`): `begin` and `wait_sliced` are the parts every
+wait is built from and have no public surface; what users see of them (the token, the
+timeout check, the slices) is tested through `bridgecancel.blocking` in test_blocking.py.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def test_seconds_are_checked_once_for_every_caller(
     value: object, error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=f"caller\\(\\) grace must be a {match}"):
-        check_seconds(value, "caller", "grace")  # type: ignore[arg-type]
+        check_seconds(value, "caller", "grace")
     assert check_seconds(math.inf, "caller", "grace") == math.inf
     assert check_seconds(0, "caller", "grace") == 0.0
 

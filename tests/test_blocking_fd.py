@@ -1,4 +1,4 @@
-"""Tests for _blocking_fd: what is particular to socket and descriptor waits."""
+"""`bridgecancel.blocking`: what is particular to socket and descriptor waits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Tests for _blocking_subprocess and _child_stop: waiting for, and stopping, child processes."""
+"""`bridgecancel.blocking`'s process waits: waiting for, and stopping, child processes.
+
+The last tests are private: the process-group watcher (`bridgecancel.blocking._subprocess`,
+how a stopped child's group is known to be empty without scanning /proc every time) and
+the /proc and pidfd helpers (`bridgecancel._util`) have no public surface of their own.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ def test_wait_process_cancel_terminates_the_child() -> None:
         assert proc.returncode == -signal.SIGTERM
 
 
+@pytest.mark.slow
 def test_wait_process_cancel_kills_a_child_ignoring_sigterm_after_grace() -> None:
     code = (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
@@ -140,6 +146,7 @@ def test_run_subprocess_check_and_errors() -> None:
         blocking.run_subprocess([PY, "-c", "pass"], input="str without text mode")
 
 
+@pytest.mark.slow
 def test_run_subprocess_timeout_kills_and_keeps_partial_output() -> None:
     with pytest.raises(subprocess.TimeoutExpired) as info:
         blocking.run_subprocess(_sleeper(), capture_output=True, timeout=1.0)
@@ -184,6 +191,7 @@ def test_run_subprocess_from_current_token_in_a_thread(tmp_path: Any) -> None:
     worker.cancelled(source.token)
 
 
+@pytest.mark.slow
 def test_process_waits_use_no_cpu() -> None:
     source = CancelSource()
     worker = Worker(
@@ -198,6 +206,7 @@ def test_process_waits_use_no_cpu() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_wait_process_uses_the_run_sync_token(anyio_backend: str) -> None:
     proc = subprocess.Popen(_sleeper(), stdout=subprocess.PIPE, start_new_session=True)
     with proc:

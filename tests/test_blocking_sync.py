@@ -1,8 +1,9 @@
-"""Tests for _blocking_sync: what is particular to threading, queue and futures waits."""
+"""`bridgecancel.blocking`: what is particular to threading, queue and futures waits."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 
@@ -29,7 +30,7 @@ def test_a_notify_the_cancelled_waiter_received_goes_to_the_next(cancel_first: b
     with q.mutex:  # Queue.put's body, with the cancel racing the notify
         if cancel_first:
             source.cancel()
-        q._put("item")  # type: ignore[attr-defined]
+        q._put("item")
         q.unfinished_tasks += 1
         q.not_empty.notify()  # wakes the first waiter
         if not cancel_first:
@@ -75,19 +76,19 @@ def test_semaphore_release_reaches_a_waiter_after_a_cancel() -> None:
     second = Worker(lambda: blocking.acquire(sem, LONG))
     wait_until(lambda: len(sem._cond._waiters) == 2, "the second waiter waits")  # type: ignore[attr-defined]
     with sem._cond:  # type: ignore[attr-defined]
-        sem._value += 1  # type: ignore[attr-defined]
+        sem._value += 1
         sem._cond.notify()  # type: ignore[attr-defined]
         source.cancel()
     first.cancelled(source.token)
     second.join(10)
     assert second.result is True
-    assert sem._value == 0  # type: ignore[attr-defined]
+    assert sem._value == 0
 
 
 def test_many_cancelled_waiters_leave_the_queue_working() -> None:
     q: queue.Queue[int] = queue.Queue()
     sources = [CancelSource() for _ in range(20)]
-    workers = [Worker(lambda s=s: blocking.queue_get(q, token=s.token)) for s in sources]  # type: ignore[misc]
+    workers = [Worker(functools.partial(blocking.queue_get, q, token=s.token)) for s in sources]
     wait_until(lambda: len(q.not_empty._waiters) == 20, "all wait")  # type: ignore[attr-defined]
     for source in sources[::2]:
         source.cancel()

@@ -1,4 +1,9 @@
-"""Tests for _cpython: the start-up probe, and the sliced fallback when it fails."""
+"""The CPython-internals probe of `bridgecancel.blocking`, and the fallback when it fails.
+
+Private (`bridgecancel.blocking._condition` and `_sync`): the probe and the switch to
+sliced waits happen at import, with no public surface; the tests break the internals
+on purpose and check that every public wait still keeps its promises.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def test_the_probe_passes_on_this_cpython() -> None:
     assert _cpython.AVAILABLE is True
 
 
-def _without(cls: type, attribute: str) -> type:
+def _without(cls: type[Any], attribute: str) -> type:
     """A subclass of `cls` whose instances lack the attribute `__init__` gives them."""
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -111,7 +116,8 @@ def probe_failed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     assert available is False
     monkeypatch.setattr(_cpython, "AVAILABLE", available)
     entered: list[float] = []
-    sliced = _blocking_sync.wait_sliced
+    sliced: Callable[[Callable[[float], bool], CancelToken, float | None], bool]
+    sliced = vars(_blocking_sync)["wait_sliced"]  # the one the sync waits call
 
     def spy(attempt: Callable[[float], bool], token: CancelToken, deadline: float | None) -> bool:
         entered.append(math.inf if deadline is None else deadline)

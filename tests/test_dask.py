@@ -5,6 +5,8 @@ a child process started once for this module, so its workers, and the workers th
 restart after the crash test, are grandchildren the leak check does not count; the client
 and its threads are made (and warmed up) before any test's leak snapshot.
 Tasks report to the test over loopback TCP, so the tests wait on events, not sleeps.
+The demo's cluster row runs the demo's private case (`bridgecancel._demo.cluster`), which
+has no public surface but ``python -m bridgecancel demo``.
 """
 
 from __future__ import annotations
@@ -206,6 +208,14 @@ async def _reports() -> AsyncIterator[_Reports]:
         group.cancel_scope.cancel()
 
 
+def _scheduler_address(client: distributed.Client) -> str:
+    """Where `client`'s scheduler listens, for a second client of the same cluster."""
+    assert client.scheduler is not None  # a connected client
+    address = client.scheduler.address
+    assert isinstance(address, str)
+    return address
+
+
 async def _wait_for_workers(client: distributed.Client, count: int) -> None:
     await anyio.to_thread.run_sync(lambda: client.wait_for_workers(count, timeout=30))
 
@@ -233,6 +243,7 @@ async def test_token_deadline_is_informative(client: distributed.Client) -> None
     assert 10 < remaining <= 20  # the caller's deadline (informative: see below)
 
 
+@pytest.mark.slow
 async def test_deadline_pushed_back_never_stops_task(client: distributed.Client) -> None:
     """Only the caller's scope fires the token, never the deadline it had at the start."""
     async with _reports() as reports:
@@ -311,6 +322,7 @@ async def test_cancel_seceded_task(client: distributed.Client) -> None:
     assert stopped.startswith("stopped fired=True")
 
 
+@pytest.mark.slow
 async def test_cancel_by_deadline(
     client: distributed.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -345,6 +357,7 @@ async def test_cancel_by_failing_task_group(client: distributed.Client) -> None:
     assert [type(e) for e in info.value.exceptions] == [KeyError]
 
 
+@pytest.mark.slow
 async def test_task_ignoring_token_delivers_result(client: distributed.Client) -> None:
     results: list[Any] = []
     async with _reports() as reports, anyio.create_task_group() as group:
@@ -380,6 +393,7 @@ async def test_retries_rerun_a_task_that_raised(
     assert await run_on_cluster(client, _fail_first_time, marker, retries=1) == "second attempt"
 
 
+@pytest.mark.slow
 async def test_cancelled_before_start_never_starts(client: distributed.Client) -> None:
     async def block(scope: anyio.CancelScope) -> None:
         with scope:
@@ -404,6 +418,7 @@ async def test_cancelled_before_start_never_starts(client: distributed.Client) -
     assert [line.split()[0] for line in lines] == ["stopped", "stopped"], lines
 
 
+@pytest.mark.slow
 async def test_worker_death_is_one_error(client: distributed.Client) -> None:
     async with _reports() as reports:
         with pytest.raises(BrokenWorkerError, match="was lost"):
@@ -419,18 +434,18 @@ async def test_bad_input(client: distributed.Client) -> None:
     with pytest.raises(pickle.PicklingError, match="argument 0"):
         await run_on_cluster(client, _add, threading.Lock(), 1)  # type: ignore[arg-type]
     with pytest.raises(pickle.PicklingError, match=r"cannot send .*_add"):
-        await run_on_cluster(client, functools.partial(_add, threading.Lock()), 1)
+        await run_on_cluster(client, functools.partial(_add, threading.Lock()), 1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown option"):
         await run_on_cluster(client, _add, 1, 2, timeout=3)
     with pytest.raises(TypeError, match="async function"):
-        await run_on_cluster(client, _async_add, 1, 2)
+        await run_on_cluster(client, _async_add, 1, 2)  # type: ignore[unused-coroutine]
     with pytest.raises(TypeError, match=r"distributed\.Client"):
         await run_on_cluster(object(), _add, 1, 2)  # type: ignore[arg-type]
     assert await run_on_cluster(client, _add, 1, 2) == 3  # nothing else affected
 
 
 async def test_closed_client(client: distributed.Client) -> None:
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     await anyio.to_thread.run_sync(other.close)
     with pytest.raises(RuntimeError, match="closed"):
         await run_on_cluster(other, _add, 1, 2)
@@ -438,7 +453,7 @@ async def test_closed_client(client: distributed.Client) -> None:
 
 
 async def test_client_closed_mid_call_stops_task(client: distributed.Client) -> None:
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     try:
         async with _reports() as reports:
             async with anyio.create_task_group() as group:
@@ -460,7 +475,7 @@ async def test_client_closed_mid_call_stops_task(client: distributed.Client) -> 
 async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -> None:
     """A new client registering the plugins must not wipe the scheduler's call records."""
     before = bridgecancel.statistics().cluster
-    other = await anyio.to_thread.run_sync(distributed.Client, client.scheduler.address)
+    other = await anyio.to_thread.run_sync(distributed.Client, _scheduler_address(client))
     try:
         async with _reports() as reports, anyio.create_task_group() as group:
             scope = anyio.CancelScope()
@@ -481,13 +496,14 @@ async def test_second_client_keeps_calls_in_flight(client: distributed.Client) -
         await anyio.to_thread.run_sync(other.close)
 
 
+@pytest.mark.slow
 def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -> None:
     """Task.cancel() and wait_for() reach the task, with a Client(asynchronous=True)."""
     import asyncio
 
     async def main() -> tuple[list[str], int]:
         async with await distributed.Client(
-            client.scheduler.address, asynchronous=True
+            _scheduler_address(client), asynchronous=True
         ) as async_client, _reports() as reports:
             task = asyncio.ensure_future(
                 run_on_cluster(async_client, _wait_for_cancel, reports.port)
@@ -510,6 +526,7 @@ def test_plain_asyncio_with_an_asynchronous_client(client: distributed.Client) -
     assert value == 7
 
 
+@pytest.mark.slow
 def test_demo_row() -> None:
     # In a child process: the demo starts (and closes) a LocalCluster of its own.
     code = (

@@ -1,4 +1,9 @@
-"""Tests for the demo (``python -m bridgecancel demo``) and the command line around it."""
+"""The demo (``python -m bridgecancel demo``) and the command line around it.
+
+A few tests look inside the demo's private package (`bridgecancel._demo`): its list of
+cases, and that its worker-side module imports no async library. The demo has no public
+surface but the command line, which the other tests run.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ def demo() -> tuple[subprocess.CompletedProcess[str], float]:
     return result, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_the_demo_runs_every_case_on_both_backends_and_exits_0(
     demo: tuple[subprocess.CompletedProcess[str], float],
 ) -> None:
@@ -99,6 +105,7 @@ def test_the_demo_runs_every_case_on_both_backends_and_exits_0(
     assert "none is left running" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_demo_rows_stop_promptly_and_escalate_on_time(
     demo: tuple[subprocess.CompletedProcess[str], float],
 ) -> None:
@@ -113,6 +120,7 @@ def test_the_demo_rows_stop_promptly_and_escalate_on_time(
         assert took["thread: ignores its token"] >= 0.1
 
 
+@pytest.mark.slow
 def test_the_demo_shows_progress_on_stderr(
     demo: tuple[subprocess.CompletedProcess[str], float],
 ) -> None:
@@ -125,6 +133,7 @@ def test_the_demo_shows_progress_on_stderr(
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_a_case_returns_the_contract_row(anyio_backend: str) -> None:
     row = await _cases.CASES[0](anyio_backend)
     assert tuple(row) == _cases.ROW_KEYS

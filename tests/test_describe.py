@@ -1,4 +1,8 @@
-"""Tests for `bridgecancel._describe`: how messages name a function, on both sides."""
+"""How messages name a function, on both sides of a process job.
+
+Private (`bridgecancel._util.describe`, and the worker's `bridgecancel._process._child`):
+a helper with no public surface, except the error messages that use it.
+"""
 
 from __future__ import annotations
 
@@ -22,4 +26,4 @@ def test_anything_without_a_qualname_is_its_repr() -> None:
 
 
 def test_the_worker_names_functions_with_the_same_helper() -> None:
-    assert _worker_results.describe is describe
+    assert vars(_worker_results)["describe"] is describe  # imported, not re-exported

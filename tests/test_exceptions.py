@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._exceptions`: `Cancelled` and `BrokenWorkerError`."""
+"""`Cancelled` and `BrokenWorkerError`: what callers catch."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Issue 7, defects 5 and 7: importing bridgecancel for its tokens costs no anyio, a worker
 process stays free of async libraries, and public objects report the public module.
+One test reads a worker's command line, which names the worker's private entry point
+(`bridgecancel._process._child`): that a worker starts by a plain import is the point.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Tests for `_interrupt.JobGuard`: injected cancellation, never leaking past its job."""
+"""`JobGuard`: injected cancellation, never leaking past its job.
+
+Private (`bridgecancel._interrupt`): the guard is how `run_sync(..., interrupt_after=)`
+interrupts a thread, and its races (an injection landing as the job ends, on a pooled
+thread's next job) cannot be set up through `run_sync`; test_thread_interrupt.py tests
+the public side.
+"""
 
 from __future__ import annotations
 
@@ -257,6 +263,7 @@ def fast_switching() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("fast_switching")
+@pytest.mark.slow
 def test_an_interrupt_due_as_the_job_finishes_never_reaches_the_next_job() -> None:
     """The pooled-thread race: a hammering interrupter, jobs ending at random moments."""
     jobs: queue.Queue[Any] = queue.Queue()

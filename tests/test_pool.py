@@ -1,4 +1,10 @@
-"""Tests for `bridgecancel._proc_pool` and `_proc_handle`: starting, keeping, retiring."""
+"""The worker process pool behind `run_process`: starting, keeping, retiring workers.
+
+These tests reach into the pool itself (`bridgecancel._process._pool`): a pool of their
+own, a slowed-down worker start, a shorter idle timeout. None of that has a public
+surface (a user cannot swap the pool or set its idle timeout), so it is tested here,
+privately; the jobs still go through the public `run_process`.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ import anyio
 import pytest
 
 import _pool_helpers as h
+from bridgecancel import run_process
 from bridgecancel._process import _run as _processes
 from bridgecancel._process._pool import Pool, WorkerProcess, pool
-from bridgecancel._process._run import run_process
 from bridgecancel.testing import idle_worker_pids
 
 pytestmark = pytest.mark.anyio
@@ -70,6 +76,7 @@ def _largest_gap(ticks: list[float]) -> float:
     return max(b - a for a, b in itertools.pairwise(ticks))
 
 
+@pytest.mark.slow
 async def test_a_slow_spawn_never_stalls_other_tasks(
     fresh_pool: Pool, slow_spawn: None
 ) -> None:
@@ -88,6 +95,16 @@ async def test_a_slow_spawn_never_stalls_other_tasks(
     assert worker in fresh_pool.idle_pids()
 
 
+@pytest.mark.slow
+async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "idle_timeout", 0.2)  # every idle worker retires now
+    worker = await run_process(h.pid)
+    with anyio.fail_after(10):
+        while worker in idle_worker_pids() or Path(f"/proc/{worker}").exists():
+            await anyio.sleep(0.02)
+    assert not idle_worker_pids()
+
+
 async def test_take_reuses_an_idle_worker_without_a_thread(fresh_pool: Pool) -> None:
     first = await fresh_pool.take()
     fresh_pool.give_back(first)
@@ -95,6 +112,7 @@ async def test_take_reuses_an_idle_worker_without_a_thread(fresh_pool: Pool) -> 
     fresh_pool.give_back(first)
 
 
+@pytest.mark.slow
 async def test_a_caller_that_leaves_while_its_worker_starts_leaks_no_worker(
     fresh_pool: Pool, slow_spawn: None
 ) -> None:
@@ -137,6 +155,7 @@ async def test_an_interrupted_worker_takes_its_grandchild_with_it(tmp_path: Path
             os.kill(grandchild, signal.SIGKILL)
 
 
+@pytest.mark.slow
 async def test_a_worker_retiring_when_idle_takes_its_group_with_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,9 @@
-"""The recipes in examples/recipe_*.py, run against the real library."""
+"""The recipes in examples/recipe_*.py, run against the real library.
+
+One test makes a token current by hand (`bridgecancel._tokens._current`), to run a
+recipe's worker side without the bridge; it will use the public `use_token` once that
+exists.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ async def test_sqlite_query_returns_its_result(anyio_backend: str) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_sqlite_long_query_stops_on_cancel(anyio_backend: str) -> None:
     before = bridgecancel.statistics().threads
     with anyio.move_on_after(0.3) as scope:
@@ -75,6 +81,7 @@ def test_sqlite_interrupt_is_what_stops_a_running_query() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_socket_download_stops_on_cancel(anyio_backend: str) -> None:
     cancelled, size, stopped = await socket_recipe.download_for(0.2)
     assert cancelled
@@ -108,6 +115,7 @@ async def test_socket_download_completes_when_the_server_closes(anyio_backend: s
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_process_tree_is_stopped_on_cancel(anyio_backend: str, tmp_path: Path) -> None:
     cancelled, pids, stopped = await tree_recipe.run_tree_for(0.1, tmp_path / "pids")
     assert cancelled
@@ -128,6 +136,7 @@ async def test_process_tree_is_stopped_on_cancel(anyio_backend: str, tmp_path: P
         ("recipe_process_tree.py", "process tree cancelled: True"),
     ],
 )
+@pytest.mark.slow
 def test_recipe_script_runs(script: str, expected: str) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script)],

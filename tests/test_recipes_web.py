@@ -7,19 +7,22 @@ resources must stay usable. Each runs under uvicorn, hypercorn on asyncio and hy
 trio worker; the worker-side recipes also run without a server, on asyncio and trio.
 
 PostgreSQL comes from ``BRIDGECANCEL_TEST_PG_DSN`` (``.ci/run`` sets it with
-``.ci/postgres.sh``), or else from ``.ci/postgres.sh --no-install`` started here. Only
-when neither gives a server, and ``CI`` is not set, are the PostgreSQL tests skipped,
-with a reason that says so; under CI they fail instead.
+``.ci/postgres.sh``), or else from ``.ci/postgres.sh --no-install`` started here for the
+session (a port and a data folder of its own) and stopped when it ends. Only when neither
+gives a server, and ``CI`` is not set, are the PostgreSQL tests skipped, with a reason that
+says so; under CI they fail instead.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,6 +42,7 @@ sqlite_recipe = load("recipe_sqlite")
 socket_recipe = load("recipe_socket_download")
 
 ROOT = Path(__file__).resolve().parent.parent
+PG_SCRIPT = ROOT / ".ci" / "postgres.sh"
 PROMPT = 1.0  # "gone within a second": what the issue promises, end to end
 PATIENCE = 10.0  # how long to wait for something that should happen at all
 
@@ -57,31 +61,59 @@ def _pg_unavailable(reason: str) -> NoReturn:
     )
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> str:
-    """A DSN of a reachable PostgreSQL server: the given one, or one started here.
+def _pg_script(folder: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run .ci/postgres.sh for the server whose data folder is `folder`."""
+    return subprocess.run(
+        ["bash", str(PG_SCRIPT), *args],
+        env={**os.environ, "BRIDGECANCEL_PG_DIR": folder},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
 
-    A server started here is left running, like one ``.ci/postgres.sh`` starts for CI:
-    a later or concurrent test run reuses it (``.ci/postgres.sh --stop`` stops it).
-    """
-    dsn = os.environ.get("BRIDGECANCEL_TEST_PG_DSN")
-    if not dsn:
-        script = ROOT / ".ci" / "postgres.sh"
-        try:
-            result = subprocess.run(
-                ["bash", str(script), "--no-install"],
-                capture_output=True, text=True, timeout=120, check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            _pg_unavailable(f"{script} could not run ({exc})")
-        if result.returncode != 0:
-            _pg_unavailable(f"{script} could not start a server: {result.stderr.strip()}")
-        dsn = result.stdout.strip()
+
+def _start_pg(folder: str) -> str:
+    """Start a server in `folder` (on a free port); its DSN."""
+    try:
+        result = _pg_script(folder, "--no-install")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _pg_unavailable(f"{PG_SCRIPT} could not run ({exc})")
+    if result.returncode != 0:
+        _pg_unavailable(f"{PG_SCRIPT} could not start a server: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _check_pg(dsn: str) -> None:
     try:
         psycopg.connect(dsn, connect_timeout=10).close()
     except psycopg.OperationalError as exc:
         _pg_unavailable(f"no PostgreSQL answers at {dsn!r} ({exc})")
-    return dsn
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A DSN of a reachable PostgreSQL server: the given one, or one started for this session.
+
+    A server started here has a port and a data folder of its own, so test runs side by
+    side never share one; it is stopped and its folder removed when the session ends,
+    whatever the tests did.
+    """
+    given = os.environ.get("BRIDGECANCEL_TEST_PG_DSN")
+    if given:
+        _check_pg(given)
+        yield given
+        return
+    # In the temporary folder itself: the server's own user (postgres, when the tests run
+    # as root) must reach it, which it cannot below pytest's private temporary folders.
+    folder = tempfile.mkdtemp(prefix="bridgecancel-pg.")
+    try:
+        dsn = _start_pg(folder)
+        _check_pg(dsn)
+        yield dsn
+    finally:
+        stopped = _pg_script(folder, "--stop")
+        assert stopped.returncode == 0, (
+            f"the PostgreSQL server of {folder} did not stop: {stopped.stderr.strip()}"
+        )
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -114,6 +146,7 @@ async def test_pg_query_returns_its_rows(anyio_backend: str, pg_dsn: str) -> Non
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
+@pytest.mark.slow
 async def test_pg_query_stops_on_the_server_when_the_scope_is_cancelled(
     anyio_backend: str, pg_dsn: str, monitor: psycopg.Connection[Any], autocommit: bool
 ) -> None:
@@ -165,10 +198,11 @@ def test_pg_disarm_waits_for_a_cancel_on_its_way() -> None:
     firing.start()
     assert sending.wait(PATIENCE)
     disarmed: list[float] = []
-    disarming = threading.Thread(
-        target=lambda: (canceller.disarm(), disarmed.append(time.monotonic())),
-        name="test disarm",
-    )
+    def disarm() -> None:
+        canceller.disarm()
+        disarmed.append(time.monotonic())
+
+    disarming = threading.Thread(target=disarm, name="test disarm")
     disarming.start()
     disarming.join(0.2)
     assert disarming.is_alive()  # still waiting: the cancel is on its way
@@ -212,21 +246,24 @@ async def serve(server: str, backend: str, app: Any) -> AsyncIterator[int]:
     else:
         from hypercorn.config import Config
 
+        hypercorn_serve: Callable[..., Coroutine[Any, Any, None]]  # the same call on either backend
         if backend == "trio":
             from hypercorn.trio import serve as hypercorn_serve
         else:
             from hypercorn.asyncio import serve as hypercorn_serve
         listener = listening_socket()
         port = listener.getsockname()[1]
-        config = Config()
-        config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = PATIENCE
+        hypercorn_config = Config()
+        hypercorn_config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns and closes it
+        hypercorn_config.accesslog = None
+        hypercorn_config.errorlog = None
+        hypercorn_config.graceful_timeout = PATIENCE
         stop = anyio.Event()
         async with anyio.create_task_group() as group:
             group.start_soon(
-                lambda: hypercorn_serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+                lambda: hypercorn_serve(
+                    app, hypercorn_config, shutdown_trigger=stop.wait, mode="asgi"
+                )
             )
             try:
                 # hypercorn accepts connections only once the lifespan startup is done: a
@@ -246,6 +283,7 @@ async def client_leaves_after(port: int, path: str) -> AsyncIterator[None]:
         yield
 
 
+@pytest.mark.slow
 class TestUnderRealServers:
     """Each test once per server: uvicorn, hypercorn on asyncio, hypercorn's trio worker."""
 
@@ -434,6 +472,7 @@ async def test_http_download_completes(anyio_backend: str) -> None:
 # -- the script runs as documented ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_postgres_recipe_script_runs(pg_dsn: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "recipe_postgres.py")],

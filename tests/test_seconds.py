@@ -1,4 +1,9 @@
-"""Tests for `bridgecancel._seconds`: the one check of a number of seconds."""
+"""The one check of a number of seconds, shared by every call that takes one.
+
+Private (`bridgecancel._util.check_seconds`): a helper with no public surface, tested
+for the messages every public call gives (test_blocking.py, test_processes.py and
+test_threads.py check a few of them through the public calls).
+"""
 
 from __future__ import annotations
 

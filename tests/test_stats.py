@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._stats`: `statistics()` and the ``bridgecancel`` logger.
+"""`statistics()` and the ``bridgecancel`` logger.
 
 Here for thread jobs (``run_sync``); `tests/test_processes.py` covers process jobs.
 Counts are global, so each test compares against a snapshot taken before it.
@@ -50,7 +50,9 @@ def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "bridgecancel"]
 
 
-async def _cancel_while_running(job: Callable[[anyio.Event], object], **options: bool) -> None:
+async def _cancel_while_running(
+    job: Callable[[anyio.Event], object], *, abandon_on_cancel: bool = False
+) -> None:
     """Run `job` with run_sync and cancel the caller once the job signals it runs."""
     running = anyio.Event()
 
@@ -61,7 +63,7 @@ async def _cancel_while_running(job: Callable[[anyio.Event], object], **options:
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_when_running, scope)
-            await run_sync(job, running, **options)
+            await run_sync(job, running, abandon_on_cancel=abandon_on_cancel)
     assert scope.cancel_called
 
 
@@ -80,7 +82,11 @@ def test_statistics_is_a_frozen_record() -> None:
 def test_statistics_is_a_snapshot() -> None:
     before = bridgecancel.statistics()
     completed = before.threads.completed
-    assert anyio.run(run_sync, int) == 0
+
+    async def one_job() -> int:
+        return await run_sync(int)
+
+    assert anyio.run(one_job) == 0
     assert before.threads.completed == completed, "a snapshot does not change"
     assert bridgecancel.statistics().threads.completed == completed + 1
 

@@ -31,9 +31,8 @@ import pytest
 
 import _storm_jobs as jobs
 import bridgecancel
-from bridgecancel._process._run import run_process
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # seconds per storm, by design
 
 SOAK = os.environ.get("BRIDGECANCEL_SOAK") == "1"
 THREAD_JOBS = 4_000 * (20 if SOAK else 1)
@@ -166,7 +165,7 @@ async def test_process_cancel_storm(tmp_path: Path) -> None:
     log = jobs.LogReader(str(tmp_path / "log"))
 
     async def call(i: int, kind: str) -> Any:
-        return await run_process(
+        return await bridgecancel.run_process(
             jobs.process_job,
             i,
             kind,

@@ -1,4 +1,4 @@
-"""Tests for `bridgecancel._supervise`: section 3 of the design, for threads and processes.
+"""Section 3 of the design (structured semantics), for threads and processes alike.
 
 Each defect named in issues 7 and 8 that the supervisor fixes has a test here, on asyncio
 and trio through anyio (and on plain asyncio where the defect is plain asyncio's).
@@ -75,6 +75,7 @@ def unraisable(monkeypatch: pytest.MonkeyPatch) -> _Unraisable:
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
+@pytest.mark.slow
 async def test_raising_callback_never_reaches_the_loop_or_the_caller(
     how: str, unraisable: _Unraisable
 ) -> None:
@@ -146,6 +147,7 @@ async def test_blocking_callback_never_blocks_the_loop() -> None:
     assert results == ["woke at once"]  # waiters woke without waiting for the callback
 
 
+@pytest.mark.slow
 async def test_open_token_callbacks_never_run_on_the_loop(unraisable: _Unraisable) -> None:
     loop_thread = threading.get_ident()
     threads: list[int] = []
@@ -167,6 +169,7 @@ async def test_open_token_callbacks_never_run_on_the_loop(unraisable: _Unraisabl
 # -- defect 2: a deadline moved later never stops the job -----------------------------------
 
 
+@pytest.mark.slow
 async def test_thread_job_is_not_stopped_by_a_deadline_pushed_back() -> None:
     running = anyio.Event()
     tokens: list[CancelToken] = []
@@ -193,6 +196,7 @@ async def test_thread_job_is_not_stopped_by_a_deadline_pushed_back() -> None:
     assert tokens[0].deadline < time.monotonic() + 1
 
 
+@pytest.mark.slow
 async def test_process_job_is_not_stopped_by_a_deadline_pushed_back(tmp_path: Path) -> None:
     marker = tmp_path / "started"
 
@@ -240,6 +244,7 @@ async def test_nested_run_sync_shares_an_explicit_limiter() -> None:
 # -- defect 6: every job lands in exactly one outcome, the right one ------------------------
 
 
+@pytest.mark.slow
 async def test_process_job_cancelled_by_a_deadline_is_cooperative_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,6 +271,7 @@ async def test_process_job_whose_worker_died_is_crashed() -> None:
 # -- issue 8, defect 5: escalation waits for the job to start ----------------------------------
 
 
+@pytest.mark.slow
 async def test_process_job_cancelled_while_loading_never_starts_and_keeps_its_worker(
     tmp_path: Path,
 ) -> None:
@@ -332,12 +338,15 @@ async def _plain_run_sync(running: threading.Event) -> str:
     return await run_sync(_returns_after_cancel, running)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+@pytest.mark.slow
 def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
+    if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
+        pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
-        async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
+        async with asyncio.timeout(0.3):
             seen.append(await _plain_run_sync(running))
         await asyncio.sleep(0.01)  # an unrelated await: no stray cancellation here
         seen.append("after")
@@ -346,14 +355,17 @@ def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
     assert asyncio.run(main()) == ["kept", "after"]
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+@pytest.mark.slow
 def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block() -> None:
+    if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
+        pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
         start = time.monotonic()
         try:
-            async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
+            async with asyncio.timeout(0.3):
                 seen.append(await _plain_run_sync(running))
                 await asyncio.sleep(WAIT)
         except TimeoutError:
@@ -365,6 +377,7 @@ def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block(
     assert asyncio.run(main()) == ["kept", "timed out"]
 
 
+@pytest.mark.slow
 def test_plain_asyncio_wait_for_keeps_the_result() -> None:
     async def main() -> str:
         running = threading.Event()
@@ -412,8 +425,11 @@ def test_plain_asyncio_bare_task_cancel_of_a_returning_task_is_not_lost() -> Non
     assert asyncio.run(main())
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in 3.11")
+@pytest.mark.slow
 def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() -> None:
+    if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
+        pytest.skip("asyncio.timeout() is new in 3.11")
+
     async def main() -> list[str]:
         seen: list[str] = []
         noticed, release = threading.Event(), threading.Event()
@@ -425,7 +441,7 @@ def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() ->
             return "kept"
 
         async def caller() -> None:
-            async with asyncio.timeout(0.3):  # type: ignore[attr-defined,unused-ignore]
+            async with asyncio.timeout(0.3):
                 seen.append(await run_sync(job))
             seen.append("after the block")  # the timeout withdrew its own request
             await asyncio.sleep(WAIT)  # the bare Task.cancel() lands here

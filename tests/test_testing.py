@@ -100,7 +100,7 @@ async def test_a_running_job_fails(anyio_backend: str) -> None:
 
     async def leave_a_job_running(group: anyio.abc.TaskGroup) -> None:
         with check_no_leaks(settle=0.1):
-            group.start_soon(bridgecancel.run_sync, release.wait)
+            group.start_soon(lambda: bridgecancel.run_sync(release.wait))
             with anyio.fail_after(10):
                 while not bridgecancel.statistics().threads.running:
                     await anyio.sleep(0.001)
@@ -141,6 +141,7 @@ def test_sync_block_cancelled_by_hand_passes() -> None:
         source.token.check()
 
 
+@pytest.mark.slow
 def test_sync_block_that_stops_late_fails() -> None:
     def stop_late() -> None:
         with assert_cancels_within(0.05, after=0.01) as source:
@@ -206,6 +207,7 @@ async def test_async_block_stops_a_job_waiting_on_its_token(anyio_backend: str) 
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_async_block_with_a_job_ignoring_the_token_fails(anyio_backend: str) -> None:
     started = threading.Event()
     release = threading.Event()
@@ -297,6 +299,7 @@ PYTEST_GIVEN_THE_MODULE = [
         pytest.param(PYTEST, ["-p", "bridgecancel.testing"], CONFTEST, True, id="all-at-once"),
     ],
 )
+@pytest.mark.slow
 def test_the_plugin_provides_the_fixture_and_applies_nothing_unasked(
     tmp_path: Path, command: list[str], load: list[str], conftest: str, autoload: bool
 ) -> None:

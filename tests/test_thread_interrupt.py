@@ -30,7 +30,8 @@ async def _cancel_when_started(started: threading.Event, scope: anyio.CancelScop
 
 
 async def test_interrupt_raises_in_worker_and_runs_finally(anyio_backend: str) -> None:
-    stop, started, log = threading.Event(), threading.Event(), []
+    stop, started = threading.Event(), threading.Event()
+    log: list[str] = []
     before = bridgecancel.statistics().threads
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
@@ -61,7 +62,8 @@ def _swallow_first(started: threading.Event, log: list[str]) -> None:
 
 
 async def test_interrupt_is_retried_after_being_swallowed(anyio_backend: str) -> None:
-    started, log = threading.Event(), []
+    started = threading.Event()
+    log: list[str] = []
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
             group.start_soon(_cancel_when_started, started, scope)
