@@ -1,4 +1,4 @@
-"""Section 3 of the design (structured semantics), for threads and processes alike.
+"""The structured semantics (docs/structured.md), for threads and processes alike.
 
 Each defect named in issues 7 and 8 that the supervisor fixes has a test here, on asyncio
 and trio through anyio (and on plain asyncio where the defect is plain asyncio's).
