@@ -481,15 +481,14 @@ def test_plain_asyncio_timeout_and_task_cancel(tmp_path: Path) -> None:
 
         async def job() -> None:
             got.append(await run_process(h.wait_then_return, str(marker)))
-            await asyncio.sleep(0)  # Task.cancel() fired once; it is requested again
-            got.append("not cancelled")
+            got.append("not cancelled")  # pragma: no cover
 
         task = asyncio.create_task(job())
         await wait_for_file(marker)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert got == ["cleaned up: the caller was cancelled"]
+        assert got == []  # plain asyncio: the cancellation is raised once the job ended
 
         marker = tmp_path / "c"
         waiting = asyncio.create_task(run_process(h.wait_for_cancel, str(marker)))

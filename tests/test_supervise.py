@@ -321,11 +321,14 @@ async def test_bad_input_is_rejected_clearly(
     assert bridgecancel.statistics() == before
 
 
-# -- defect 3: plain asyncio, the same on every Python --------------------------------------
+# -- plain asyncio, the same on every Python (issue 15, item 1) ----------------------------
 
 
-# The plain asyncio tests give the worker 0.3 s to start before their timeout fires: a job
-# that never started has no value to keep.
+# The plain asyncio rule (docs/structured.md): a cancellation still standing when the
+# worker has finished (not withdrawn by the asyncio.timeout(), wait_for() or task group
+# that asked) is raised as CancelledError, whatever the worker returned; a timeout then
+# turns it into TimeoutError as usual. The tests give the worker 0.3 s to start before
+# their timeout fires.
 
 
 def _returns_after_cancel(running: threading.Event) -> str:
@@ -346,17 +349,20 @@ def test_plain_asyncio_timeout_cancel_never_escapes_its_block() -> None:
     async def main() -> list[str]:
         seen: list[str] = []
         running = threading.Event()
-        async with asyncio.timeout(0.3):
-            seen.append(await _plain_run_sync(running))
+        try:
+            async with asyncio.timeout(0.3):
+                seen.append(await _plain_run_sync(running))
+        except TimeoutError:
+            seen.append("timed out")
         await asyncio.sleep(0.01)  # an unrelated await: no stray cancellation here
         seen.append("after")
         return seen
 
-    assert asyncio.run(main()) == ["kept", "after"]
+    assert asyncio.run(main()) == ["timed out", "after"]
 
 
 @pytest.mark.slow
-def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block() -> None:
+def test_plain_asyncio_timeout_is_raised_once_the_worker_has_finished() -> None:
     if sys.version_info < (3, 11):  # a check mypy understands, unlike skipif
         pytest.skip("asyncio.timeout() is new in 3.11")
 
@@ -374,18 +380,24 @@ def test_plain_asyncio_timeout_is_delivered_at_the_next_checkpoint_in_its_block(
         await asyncio.sleep(0.01)
         return seen
 
-    assert asyncio.run(main()) == ["kept", "timed out"]
+    assert asyncio.run(main()) == ["timed out"]
 
 
 @pytest.mark.slow
-def test_plain_asyncio_wait_for_keeps_the_result() -> None:
-    async def main() -> str:
+def test_plain_asyncio_wait_for_times_out_once_the_worker_has_finished() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
         running = threading.Event()
-        result = await asyncio.wait_for(_plain_run_sync(running), 0.3)
+        try:
+            seen.append(await asyncio.wait_for(_plain_run_sync(running), 0.3))
+        except asyncio.TimeoutError:  # TimeoutError itself from 3.11
+            seen.append("timed out")
+        assert running.is_set()  # the worker had started: its value was there to keep
         await asyncio.sleep(0.01)
-        return result
+        seen.append("after")
+        return seen
 
-    assert asyncio.run(main()) == "kept"
+    assert asyncio.run(main()) == ["timed out", "after"]
 
 
 def test_plain_asyncio_bare_task_cancel_still_cancels_the_task() -> None:
@@ -408,21 +420,55 @@ def test_plain_asyncio_bare_task_cancel_still_cancels_the_task() -> None:
             seen.append("cancelled")
         return seen
 
-    assert asyncio.run(main()) == ["kept", "cancelled"]
+    assert asyncio.run(main()) == ["cancelled"]
 
 
-def test_plain_asyncio_bare_task_cancel_of_a_returning_task_is_not_lost() -> None:
-    async def main() -> bool:
-        running = threading.Event()
-        task = asyncio.create_task(_plain_run_sync(running))
-        while not running.is_set():
-            await asyncio.sleep(0.001)
-        task.cancel()
+@pytest.mark.parametrize("bridge", ["run_sync", "run_process"])
+def test_plain_asyncio_bare_task_cancel_is_never_lost_when_the_call_is_the_last_await(
+    bridge: str, tmp_path: Path
+) -> None:
+    # Issue 15, item 1: the worker returns a value after the cancel, and the call is the
+    # task's last await. The task must end cancelled, with the canceller's message.
+    async def main() -> asyncio.Task[str]:
+        if bridge == "run_sync":
+            running = threading.Event()
+            task = asyncio.ensure_future(_plain_run_sync(running))
+            while not running.is_set():
+                await asyncio.sleep(0.001)
+        else:
+            marker = tmp_path / "started"
+            task = asyncio.ensure_future(run_process(h.wait_then_return, str(marker)))
+            await _wait_for_file(marker)
+        task.cancel("shutting down")
         await asyncio.wait([task])
-        # The worker's value was handed over; the task had nothing left to cancel.
-        return task.result() == "kept"
+        return task
 
-    assert asyncio.run(main())
+    task = asyncio.run(main())
+    assert task.cancelled()
+    with pytest.raises(asyncio.CancelledError, match="shutting down"):
+        task.result()
+
+
+@pytest.mark.anyio
+async def test_an_anyio_scope_still_gets_the_late_result_then_its_cancellation() -> None:
+    # The plain asyncio rule is for plain asyncio only: an anyio scope (on asyncio or
+    # trio) delivers its cancellation again at the next checkpoint by itself, so the
+    # worker's late value is handed over first.
+    seen: list[str] = []
+    running = threading.Event()
+    with anyio.CancelScope() as scope:
+
+        async def cancel_when_running() -> None:
+            await anyio.to_thread.run_sync(running.wait)
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_when_running)
+            seen.append(await run_sync(_returns_after_cancel, running))
+            await anyio.sleep(WAIT)
+            seen.append("not cancelled")  # pragma: no cover
+    assert scope.cancelled_caught
+    assert seen == ["kept"]
 
 
 @pytest.mark.slow
@@ -443,8 +489,11 @@ def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() ->
         async def caller() -> None:
             async with asyncio.timeout(0.3):
                 seen.append(await run_sync(job))
-            seen.append("after the block")  # the timeout withdrew its own request
-            await asyncio.sleep(WAIT)  # the bare Task.cancel() lands here
+            # The timeout withdraws its own request as the block exits, but the bare
+            # Task.cancel() still stands: the block ends in CancelledError, not
+            # TimeoutError, and nothing after it runs.
+            seen.append("after the block")
+            await asyncio.sleep(WAIT)
             seen.append("not cancelled")
 
         task = asyncio.create_task(caller())
@@ -458,4 +507,4 @@ def test_plain_asyncio_bare_cancel_beside_a_withdrawn_timeout_still_cancels() ->
             seen.append("cancelled")
         return seen
 
-    assert asyncio.run(main()) == ["kept", "after the block", "cancelled"]
+    assert asyncio.run(main()) == ["cancelled"]

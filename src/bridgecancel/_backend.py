@@ -205,37 +205,25 @@ def cancel_requests(exc: BaseException) -> int:
     return 0
 
 
-def redeliver_asyncio_cancel(exc: BaseException, requests: int) -> None:
-    """Ask again for a plain asyncio cancellation that was caught to hand over a result.
+def asyncio_cancel_pending(exc: BaseException, requests: int) -> bool:
+    """Whether a plain asyncio cancellation, caught as `exc` to wait for a job, still
+    stands now that the job has finished: then it is raised, whatever the job produced.
 
-    anyio's cancel scopes and trio redeliver by themselves (the effective deadline is
-    then -inf). A plain ``Task.cancel()`` fires once, so it is requested again at the
-    task's next suspension, unless its requester has withdrawn it by then: an
-    ``asyncio.timeout()`` block or task group that exited without another checkpoint
-    calls ``Task.uncancel()`` (Python 3.11+), and its cancellation must not escape it.
-    The same rule on every Python: a pending ``Task.cancel()`` flag set here would
-    outlive the block on 3.11 and 3.12, and a task ending with it set loses its result.
-
-    `requests` is ``Task.cancelling()`` when the cancellation was caught: one requester
-    withdrawing leaves fewer, and a second request (a bare ``Task.cancel()`` absorbed
-    while the job ended) keeps it pending.
+    anyio's cancel scopes and trio deliver a cancellation again at the caller's next
+    checkpoint by themselves (the effective deadline is then -inf), so there the job's
+    value or error is handed over first. A plain ``Task.cancel()`` is delivered once:
+    handing over a value instead would lose it whenever the call is the task's last
+    await. It stands unless its requester withdrew it meanwhile (Python 3.11+): an
+    ``asyncio.timeout()`` block, ``wait_for()`` or task group that calls
+    ``Task.uncancel()`` leaves fewer requests than `requests`, the count
+    (``Task.cancelling()``) when it was caught.
     """
     if not isinstance(exc, asyncio.CancelledError):
-        return
+        return False
     if anyio.current_effective_deadline() == -math.inf:
-        return
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - the bridge always runs in a task
-        return
-    message = exc.args[0] if exc.args else None
-    asyncio.get_running_loop().call_soon(_cancel_again, task, requests, message)
-
-
-def _cancel_again(task: asyncio.Task[Any], requests: int, message: object) -> None:
-    if task.done():
-        return
+        return False
     if sys.version_info >= (3, 11):
-        if task.cancelling() < requests:
-            return  # withdrawn: the timeout or task group that asked has exited
-        task.uncancel()  # keep the count as it was, so asyncio.timeout() still works
-    task.cancel(message)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() < requests:
+            return False
+    return True

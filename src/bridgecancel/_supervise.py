@@ -13,7 +13,9 @@ it produced. This module owns what happens around it:
    the call returns only once the job has ended.
 3. Delivery: a job that stopped because of the cancel becomes the caller's native
    cancellation; a value or error it produced anyway is handed over, and the
-   cancellation comes at the caller's next checkpoint (`_backend.redeliver_asyncio_cancel`).
+   cancellation comes at the caller's next checkpoint; under plain asyncio, where nothing
+   would deliver it again, a cancellation still standing is raised instead
+   (`_backend.asyncio_cancel_pending`).
 4. The job is counted in exactly one outcome and, if cancelled, logged; `statistics()`
    reads the counts. A job's life is one `JobState`, and the running count is the number
    of jobs in `JobState.RUNNING`.
@@ -39,7 +41,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 
 import anyio
 
-from ._backend import cancel_requests, redeliver_asyncio_cancel
+from ._backend import asyncio_cancel_pending, cancel_requests
 from ._tokens import CALLER_CANCELLED, DEADLINE_REASON
 from ._util import check_seconds, describe
 
@@ -338,10 +340,13 @@ async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     record(job)
     if job.stopped_by_cancel or not job.began:
         raise cancelled
-    try:
-        return job.result()  # nothing is lost: the value or error still comes back
-    finally:
-        redeliver_asyncio_cancel(cancelled, requests)
+    if asyncio_cancel_pending(cancelled, requests):
+        try:
+            job.result()  # a late error is chained to the cancellation, not lost
+        except BaseException:
+            raise cancelled  # noqa: B904 - the cancellation, with the error as its context
+        raise cancelled
+    return job.result()  # nothing is lost: the value or error still comes back
 
 
 def abandon(job: Job) -> None:

@@ -80,8 +80,11 @@ async def run_sync(
     The call returns only when the worker has finished, unless `abandon_on_cancel` is
     true. If the worker raises `Cancelled` for this token, the caller sees its native
     cancellation. If the worker returns normally after the cancel, its result is
-    returned and the cancellation is delivered at the caller's next checkpoint. A job
-    cancelled while waiting for the limiter never starts.
+    returned and the cancellation is delivered at the caller's next checkpoint (under
+    plain asyncio, which would not deliver it again, a cancellation still standing is
+    raised as ``CancelledError`` once the worker has finished: see the structured
+    cancellation page of the docs). A job cancelled while waiting for the limiter never
+    starts.
 
     Args:
         func: a synchronous callable.

@@ -96,7 +96,8 @@ async def run_on_cluster(
     The call returns once the task has stopped on its worker. A task that stopped
     because of the cancel becomes the caller's native cancellation; a task that
     returns or raises anyway has its value or error delivered (the cancellation then
-    arrives at the caller's next checkpoint); a task cancelled before it started never
+    arrives at the caller's next checkpoint; under plain asyncio a cancellation still
+    standing is raised instead, once the task has stopped); a task cancelled before it started never
     starts, and the call returns at once. An error from the task arrives as itself,
     with the worker's traceback.
 

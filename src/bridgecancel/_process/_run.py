@@ -93,7 +93,8 @@ async def run_process(
     still starting) is reused. A worker that stopped because of the cancel becomes the
     caller's own cancellation.
     A worker that returns anyway has its result returned (the cancellation is delivered
-    at the next checkpoint); an error it raises arrives as a copy of the same type,
+    at the next checkpoint; under plain asyncio a cancellation still standing is raised
+    instead, once the job has ended); an error it raises arrives as a copy of the same type,
     whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
     limiter never starts.
 
