@@ -16,6 +16,8 @@ from ._tokens import Registration as Registration
 from ._tokens import any_of as any_of
 from ._tokens import check_cancelled as check_cancelled
 from ._tokens import current_token as current_token
+from ._tokens import shield as shield
+from ._tokens import use_token as use_token
 
 if _typing.TYPE_CHECKING:
     from ._process._run import current_default_process_limiter as current_default_process_limiter
@@ -46,7 +48,9 @@ __all__ = (
     "open_token",
     "run_process",
     "run_sync",
+    "shield",
     "statistics",
+    "use_token",
 )
 
 # Public name -> the private module that defines it, imported on first use.
@@ -87,6 +91,6 @@ def __dir__() -> list[str]:
 
 
 for _obj in (BrokenWorkerError, Cancelled, RemoteTraceback, CancelSource, CancelToken,
-             Registration, any_of, check_cancelled, current_token):
+             Registration, any_of, check_cancelled, current_token, shield, use_token):
     _publish(_obj)
 del _obj

@@ -28,7 +28,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar, final
 
-from ._tokens import INTERRUPTED_REASON, Cancelled, CancelToken, _NoPublicConstructor
+from ._tokens import (
+    INTERRUPTED_REASON,
+    Cancelled,
+    CancelToken,
+    _NoPublicConstructor,
+    shield_state,
+)
 
 __all__ = (
     "INTERRUPTED_REASON",
@@ -90,6 +96,9 @@ class JobGuard:
 
     __slots__ = (
         "_exc_class",
+        "_held",
+        "_held_raised",
+        "_holding",
         "_ident",
         "_injections",
         "_last",
@@ -109,6 +118,9 @@ class JobGuard:
         self._exc_class: type[_Injected] | None = None
         self._injections = 0
         self._pending = False  # injected, not delivered yet
+        self._holding = False  # in a `shield` block: interrupts are held, not injected
+        self._held = False  # one fell due while holding: raised as the block ends
+        self._held_raised = False  # a held one was raised
         self._last: weakref.ref[_Injected] | None = None  # the last delivered instance
 
     @property
@@ -118,8 +130,9 @@ class JobGuard:
 
     @property
     def interrupted(self) -> bool:
-        """True if an injected `Cancelled` was raised in the job (even if it swallowed it)."""
-        return self._last is not None
+        """True if an injected `Cancelled` was raised in the job (even if it swallowed it),
+        or one held by a `shield` block was raised as the block ended."""
+        return self._last is not None or self._held_raised
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` in this thread, open to `interrupt` while it runs.
@@ -135,6 +148,14 @@ class JobGuard:
             if self._ident:
                 raise RuntimeError("JobGuard.run() runs one job: create a guard per job")
             self._ident = threading.get_ident()
+        shielding = shield_state
+        outer, shielding.interrupter = shielding.interrupter, self
+        try:
+            return self._run(fn, *args)
+        finally:
+            shielding.interrupter = outer
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
         failure: BaseException | None = None
         # interrupt() may inject from this store on; there is no bytecode checkpoint
         # between it and the try, so every injection is delivered inside the try.
@@ -196,6 +217,9 @@ class JobGuard:
         with self._lock:
             if self._state != _RUNNING or self._pending:
                 return False
+            if self._holding:
+                self._held = True  # raised as the shield block ends
+                return False
             last = self._last
             if last is not None and last() is not None:
                 return False
@@ -210,6 +234,26 @@ class JobGuard:
             self._injections += 1
             self._pending = True
             return True
+
+    # -- `_tokens.shield`, in the job's own thread ------------------------------------------
+
+    def hold(self) -> None:
+        """A `shield` block begins: hold interrupts, and withdraw one on its way."""
+        with self._lock:
+            self._holding = True
+            if self._pending:  # injected, not delivered: it would land inside the block
+                _clear_async_exc(self._ident, None)
+                self._pending = False
+                self._held = True
+
+    def release(self) -> bool:
+        """The `shield` block ends: True if an interrupt fell due in it (raise it now)."""
+        with self._lock:
+            self._holding = False
+            due, self._held = self._held, False
+            if due:
+                self._held_raised = True
+            return due
 
     def _delivered(self, exc: _Injected) -> None:
         # Runs in the worker thread, from the interpreter, without the lock (the thread

@@ -19,9 +19,9 @@ import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, final
 
 from ._timer import Entry, report_unraisable
 from ._timer import runner as _runner
@@ -43,6 +43,8 @@ __all__ = (
     "check_cancelled",
     "current_token",
     "informative_source",
+    "shield",
+    "use_token",
 )
 
 # -- the reasons bridgecancel's own cancellations carry ------------------------------------
@@ -657,10 +659,11 @@ _current: ContextVar[CancelToken] = ContextVar("bridgecancel_current_token")
 
 
 def current_token() -> CancelToken:
-    """The running job's token inside a bridgecancel worker (thread or process).
+    """The running job's token inside a bridgecancel worker (thread or process), or the
+    token made current by `use_token`.
 
-    Anywhere else, a token that is never cancelled, so library code can call
-    ``current_token().check()`` unconditionally.
+    Anywhere else, and inside `shield`, a token that is never cancelled, so library code
+    can call ``current_token().check()`` unconditionally.
     """
     return _current.get(_NEVER)
 
@@ -670,3 +673,122 @@ def check_cancelled() -> None:
     token = _current.get(_NEVER)
     if token.cancel_called:
         raise Cancelled._create(token, token._reason)
+
+
+@final
+class use_token:  # a context manager, named as the function it stands for
+    """Make `token` the current token in the block: ``with use_token(token):``.
+
+    For sync code that bridgecancel did not start (a plain test, a thread pool of your
+    own, a GUI thread): library code inside the block that calls `current_token()` or
+    `check_cancelled()`, or a `bridgecancel.blocking` wait, sees `token`. The token that
+    was current before is restored when the block exits. Blocks nest. Per thread (a
+    context variable): a thread started inside the block does not inherit it, unless it
+    runs in a copy of this context (``contextvars.copy_context().run``, as
+    ``anyio.to_thread`` and ``asyncio.to_thread`` do).
+
+    Raises:
+        TypeError: if `token` is not a `CancelToken` (pass ``source.token``).
+    """
+
+    __slots__ = ("_reset", "_token")
+
+    def __init__(self, token: CancelToken) -> None:
+        if not isinstance(token, CancelToken):
+            raise TypeError(
+                f"use_token() takes a CancelToken, got {token!r}; pass source.token "
+                "rather than the source"
+            )
+        self._token = token
+        self._reset: Token[CancelToken] | None = None
+
+    def __enter__(self) -> CancelToken:
+        if self._reset is not None:
+            raise RuntimeError("this use_token() block is already entered; make one per block")
+        self._reset = _current.set(self._token)
+        return self._token
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        reset, self._reset = self._reset, None
+        assert reset is not None
+        _current.reset(reset)
+
+
+# -- critical sections -------------------------------------------------------------------------
+
+
+class Interrupter(Protocol):
+    """What raises `Cancelled` inside the running job (a thread's `_interrupt.JobGuard`, a
+    worker process's signal handler), as `shield` sees it."""
+
+    def hold(self) -> None:
+        """From now on, keep an interrupt that falls due (and withdraw one on its way)."""
+
+    def release(self) -> bool:
+        """Stop holding; True if an interrupt fell due meanwhile (it is then raised)."""
+        ...
+
+
+class _ShieldState(threading.local):
+    """Per thread: how deep in `shield` blocks the thread is, and its job's interrupter."""
+
+    depth = 0
+    interrupter: Interrupter | None = None
+
+
+shield_state: Final = _ShieldState()
+
+
+@final
+class shield:  # a context manager, named as the function it stands for
+    """A critical section in a worker: ``with shield():``.
+
+    Inside the block `current_token()` is a token that never fires (so
+    `check_cancelled()` does not raise and the `bridgecancel.blocking` waits are not
+    cancelled), and an interrupt (``interrupt_after=``) that falls due is held until the
+    block ends and raised right after it. After the block the job's token is current
+    again, fired if the cancel came meanwhile: check it. Use it around work that must not
+    be cut in the middle (a commit, a file being written); keep it short, since the
+    caller waits for it. The kill stage of a process job (``kill_after=``) is never held:
+    it ends the worker process, critical section or not. Blocks nest; outside a worker
+    only the token is shielded.
+    """
+
+    __slots__ = ("_reset",)
+
+    def __init__(self) -> None:
+        self._reset: Token[CancelToken] | None = None
+
+    def __enter__(self) -> None:
+        if self._reset is not None:
+            raise RuntimeError("this shield() block is already entered; make one per block")
+        state = shield_state
+        interrupter = state.interrupter
+        if state.depth == 0 and interrupter is not None:
+            try:
+                interrupter.hold()
+            except BaseException:  # an interrupt landed just before the section began
+                interrupter.release()
+                raise
+        state.depth += 1
+        self._reset = _current.set(_NEVER)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        reset, self._reset = self._reset, None
+        assert reset is not None
+        _current.reset(reset)
+        state = shield_state
+        state.depth -= 1
+        interrupter = state.interrupter
+        if state.depth == 0 and interrupter is not None and interrupter.release():
+            raise Cancelled._create(_current.get(_NEVER), INTERRUPTED_REASON)

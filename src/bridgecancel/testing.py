@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from ._supervise import statistics
-from ._tokens import Cancelled, CancelSource
+from ._tokens import Cancelled, CancelSource, use_token
 from ._util import all_processes, check_seconds
 
 __all__ = (
@@ -135,8 +135,9 @@ class assert_cancels_within:
 
     As ``async with``, the block runs in a cancel scope that the cancel cancels (the
     scope swallows the cancellation, as ``anyio.move_on_after`` does); as ``with``, in
-    sync code, the block passes the source's token to the work, and the `Cancelled` it
-    raises for that token is swallowed. Either way the ``as`` target is the
+    sync code, the source's token is the current token in the block (`use_token`), so
+    library code that calls `current_token()` or `check_cancelled()` stops, and the
+    `Cancelled` it raises for that token is swallowed. Either way the ``as`` target is the
     `CancelSource` that cancels: it fires by itself `after` seconds, or call its
     ``cancel()``. The block may also end normally after the cancel (the work finished
     anyway); it must end within `seconds` of it all the same.
@@ -156,6 +157,7 @@ class assert_cancels_within:
         self._source = CancelSource()
         self._cancelled_at: float | None = None
         self._scope: Any = None
+        self._using: use_token | None = None
 
     def _enter(self) -> CancelSource:
         self._source.token.on_cancel(self._mark)
@@ -181,6 +183,8 @@ class assert_cancels_within:
             )
 
     def __enter__(self) -> CancelSource:
+        self._using = use_token(self._source.token)
+        self._using.__enter__()
         return self._enter()
 
     def __exit__(
@@ -189,6 +193,9 @@ class assert_cancels_within:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        if self._using is not None:
+            self._using.__exit__(exc_type, exc, tb)
+            self._using = None
         ours = isinstance(exc, Cancelled) and exc.token is self._source.token
         if exc_type is not None and not ours:
             self._source.close()

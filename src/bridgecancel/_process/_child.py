@@ -33,7 +33,7 @@ import types
 from typing import Any, Final, NoReturn
 
 from .._timer import report_unraisable
-from .._tokens import Cancelled, CancelSource, CancelToken, _current
+from .._tokens import Cancelled, CancelSource, CancelToken, _current, shield_state
 from .._util import describe, describe_error
 from . import _wire as wire
 
@@ -139,8 +139,30 @@ def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
         source = state.source
         if source is not None:
             state.interrupt_job = 0  # one Cancelled per interrupt
+            if _interrupter.holding:  # in a shield() block: raised as it ends
+                _interrupter.held = True
+                return
             token = source.token
             raise Cancelled._create(token, token.reason)
+
+
+class _SignalInterrupter:
+    """`shield`'s view of the interrupt signal (see `_tokens.Interrupter`): the handler
+    runs in the main thread, the job's, between two bytecodes, so plain stores do."""
+
+    holding = False
+    held = False
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> bool:
+        self.holding = False
+        due, self.held = self.held, False
+        return due
+
+
+_interrupter = _SignalInterrupter()
 
 
 def _fail(where: str, exc: BaseException) -> NoReturn:
@@ -217,12 +239,15 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
         pass  # the parent is gone: the listener ends this process
     try:
         try:
+            _interrupter.held = False
+            shield_state.interrupter = _interrupter
             state.interruptible = True
             if state.interrupt_job == state.job_id:
                 raise Cancelled._create(token, token.reason)
             result = func(*args)
         finally:
             state.interruptible = False
+            shield_state.interrupter = None
     except Cancelled as exc:
         if token.cancel_called:
             return wire.CANCELLED, reason_bytes(token)
