@@ -9,7 +9,7 @@ import time
 
 from _proc_helpers import mark
 
-__all__ = ("commit_in_a_shield", "mark", "token_inside_and_after_a_shield")
+__all__ = ("commit_in_a_shield", "mark", "reason_when_fired", "token_inside_and_after_a_shield")
 from bridgecancel import check_cancelled, current_token, shield
 
 
@@ -33,3 +33,10 @@ def token_inside_and_after_a_shield(started: str) -> tuple[bool, bool]:
         seen_inside = current_token().cancel_called
     current_token().wait(5)
     return seen_inside, current_token().cancel_called
+
+
+def reason_when_fired(started: str) -> str | None:
+    mark(started)
+    token = current_token()
+    token.wait(10)
+    return token.reason

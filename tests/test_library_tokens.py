@@ -228,3 +228,97 @@ async def test_shield_in_a_process_job_sees_the_token_fired_after_the_block(
 
 def test_mark_helper_is_the_process_tests_one() -> None:
     assert mark is jobs.mark
+
+
+# -- why it was cancelled ------------------------------------------------------------------------
+
+
+def _reason_when_fired(running: threading.Event) -> str | None:
+    """The token's reason once it fired, and the same from the `Cancelled` it raises."""
+    running.set()
+    token = current_token()
+    token.wait(WAIT)
+    with pytest.raises(Cancelled) as info:
+        token.check()
+    return token.reason if info.value.reason == token.reason else "Cancelled says otherwise"
+
+
+async def _cancel_with(scope: anyio.CancelScope, running: threading.Event, reason: str) -> None:
+    await anyio.to_thread.run_sync(running.wait, WAIT)
+    scope.cancel(reason=reason)
+
+
+@pytest.mark.anyio
+async def test_an_anyio_scope_s_reason_reaches_the_thread_job() -> None:
+    running, reasons = threading.Event(), []
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_with, scope, running, "client went away")
+            reasons.append(await run_sync(_reason_when_fired, running))
+    assert reasons == ["client went away"]
+
+
+@pytest.mark.anyio
+async def test_an_anyio_scope_without_a_reason_keeps_the_default() -> None:
+    running, reasons = threading.Event(), []
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel() -> None:
+                await anyio.to_thread.run_sync(running.wait, WAIT)
+                scope.cancel()
+
+            tg.start_soon(cancel)
+            reasons.append(await run_sync(_reason_when_fired, running))
+    assert reasons == ["the caller was cancelled"]
+
+
+@pytest.mark.anyio
+async def test_a_deadline_keeps_deadline_exceeded() -> None:
+    reasons: list[str | None] = []
+    with anyio.move_on_after(0.2):
+        reasons.append(await run_sync(_reason_when_fired, threading.Event()))
+    assert reasons == ["deadline exceeded"]
+
+
+@pytest.mark.anyio
+async def test_the_reason_reaches_a_process_job_and_open_token(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_when_started() -> None:
+                await _wait_for_file(started)
+                scope.cancel(reason="server shutting down")
+
+            tg.start_soon(cancel_when_started)
+            reason = await run_process(jobs.reason_when_fired, str(started))
+            assert reason == "server shutting down"
+    with anyio.CancelScope() as scope:
+        async with bridgecancel.open_token() as token:
+            scope.cancel(reason="a user pressed stop")
+            await anyio.sleep(WAIT)
+    assert token.reason == "a user pressed stop"
+
+
+def test_plain_asyncio_task_cancel_message_reaches_the_job() -> None:
+    import asyncio
+
+    tokens: list[CancelToken] = []
+
+    def record_token(running: threading.Event) -> str | None:
+        tokens.append(current_token())
+        return _reason_when_fired(running)
+
+    async def main() -> asyncio.Task[str | None]:
+        running = threading.Event()
+        task = asyncio.ensure_future(run_sync(record_token, running))
+        while not running.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel("shutting down")
+        await asyncio.wait([task])
+        return task
+
+    task = asyncio.run(main())
+    assert task.cancelled()  # plain asyncio: the cancellation wins over the late value
+    assert tokens[0].reason == "shutting down"

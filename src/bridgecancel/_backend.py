@@ -18,12 +18,13 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
 from ._tokens import (
     CALLER_CANCELLED,
+    DEADLINE_REASON,
     CancelSource,
     informative_source,
 )
@@ -168,12 +169,13 @@ def spawn_system_task(fn: Callable[..., Awaitable[object]], *args: object) -> No
 
 
 async def park_trio_task(
-    host: Callable[[], Awaitable[object]], on_cancel: Callable[[], None]
+    host: Callable[[], Awaitable[object]], on_cancel: Callable[[BaseException], None]
 ) -> None:
     """Run `host` in a trio system task and keep the calling task parked until it ends.
 
-    The moment the caller's scope is cancelled, `on_cancel()` is called (in trio's thread,
-    synchronously) and the caller stays parked: it returns only when `host` has ended,
+    The moment the caller's scope is cancelled, ``on_cancel(exc)`` is called with the
+    cancellation trio would have raised (in trio's thread, synchronously; see
+    `canceller_reason`) and the caller stays parked: it returns only when `host` has ended,
     and trio delivers the cancellation at its next checkpoint. `host` must not raise.
     """
     lowlevel = sys.modules["trio"].lowlevel
@@ -185,12 +187,49 @@ async def park_trio_task(
         finally:
             lowlevel.reschedule(caller)
 
-    def abort(raise_cancel: object) -> Any:
-        on_cancel()
+    def abort(raise_cancel: Callable[[], object]) -> Any:
+        try:
+            raise_cancel()  # builds the Cancelled (or KeyboardInterrupt), nothing more
+        except BaseException as exc:
+            on_cancel(exc)
         return lowlevel.Abort.FAILED
 
     lowlevel.spawn_system_task(hosted, context=contextvars.copy_context())
     await lowlevel.wait_task_rescheduled(abort)
+
+
+# -- why the caller was cancelled ------------------------------------------------------------
+
+_ANYIO_SCOPE: Final = "Cancelled via cancel scope "
+_ANYIO_REASON: Final = "; reason: "
+
+
+def canceller_reason(exc: BaseException | None) -> str | None:
+    """The reason the canceller gave, read from the cancellation it raised, or None.
+
+    trio's `Cancelled` carries it (``reason``, and ``source == "deadline"`` for a
+    deadline); plain asyncio's ``CancelledError`` carries ``Task.cancel(msg)``'s message;
+    anyio's scopes on asyncio cancel with the message ``Cancelled via cancel scope ...``,
+    followed by ``; reason: ...`` when ``CancelScope.cancel(reason=...)`` was given one
+    (anyio 4.11 and later; a deadline's is ``deadline exceeded``).
+    """
+    if exc is None:
+        return None
+    if isinstance(exc, asyncio.CancelledError):
+        message = exc.args[0] if exc.args else None
+        if not isinstance(message, str) or not message:
+            return None
+        if message.startswith(_ANYIO_SCOPE):
+            _, found, given = message.partition(_ANYIO_REASON)
+            return given if found and given else None
+        return message
+    trio = sys.modules.get("trio")
+    if trio is not None and isinstance(exc, trio.Cancelled):
+        if getattr(exc, "source", None) == "deadline":
+            return DEADLINE_REASON
+        trio_reason = getattr(exc, "reason", None)
+        return trio_reason if isinstance(trio_reason, str) and trio_reason else None
+    return None
 
 
 # -- plain asyncio's cancellation requests -------------------------------------------------

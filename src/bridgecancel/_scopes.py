@@ -7,13 +7,14 @@ Only anyio's public API is used.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 
-from ._backend import source_for_caller, threadsafe_caller
-from ._tokens import CALLER_CANCELLED, CancelSource, CancelToken
+from ._backend import canceller_reason, source_for_caller, threadsafe_caller
+from ._tokens import CALLER_CANCELLED, DEADLINE_REASON, CancelSource, CancelToken
 
 __all__ = (
     "cancel_on",
@@ -48,10 +49,9 @@ async def open_token() -> AsyncIterator[CancelToken]:
                 finally:
                     # The body can leave because of the cancel before the watcher has
                     # run: fire here too, or the token never would.
-                    if anyio.current_effective_deadline() == -math.inf or isinstance(
-                        failure, anyio.get_cancelled_exc_class()
-                    ):
-                        source._cancel_detached(CALLER_CANCELLED)
+                    cancelled = isinstance(failure, anyio.get_cancelled_exc_class())
+                    if cancelled or anyio.current_effective_deadline() == -math.inf:
+                        source._cancel_detached(_reason(source, failure if cancelled else None))
                     leaving[0] = True
                     group.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
@@ -69,11 +69,23 @@ async def open_token() -> AsyncIterator[CancelToken]:
 async def _fire_when_cancelled(source: CancelSource, leaving: list[bool]) -> None:
     # Woken either by the enclosing scope's cancellation (the token must fire) or by
     # open_token() leaving (it must not: nothing outside was cancelled).
+    cancelled: BaseException | None = None
     try:
         await anyio.sleep_forever()
+    except BaseException as exc:
+        cancelled = exc
+        raise
     finally:
         if not leaving[0]:
-            source._cancel_detached(CALLER_CANCELLED)
+            source._cancel_detached(_reason(source, cancelled))
+        del cancelled
+
+
+def _reason(source: CancelSource, cancelled: BaseException | None) -> str:
+    """Why the enclosing scope was cancelled (see `_supervise.cancel_reason`)."""
+    if time.monotonic() >= source.token.deadline:
+        return DEADLINE_REASON
+    return canceller_reason(cancelled) or CALLER_CANCELLED
 
 
 @contextmanager

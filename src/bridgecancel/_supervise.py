@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 
 import anyio
 
-from ._backend import asyncio_cancel_pending, cancel_requests
+from ._backend import asyncio_cancel_pending, cancel_requests, canceller_reason
 from ._tokens import CALLER_CANCELLED, DEADLINE_REASON
 from ._util import check_seconds, describe
 
@@ -306,9 +306,14 @@ class Job:
 # -- what a cancel does to a job -----------------------------------------------------------
 
 
-def cancel_reason(job: Job) -> str:
-    """Why the caller was cancelled, as the job's token reports it."""
-    return DEADLINE_REASON if time.monotonic() >= job.deadline else CALLER_CANCELLED
+def cancel_reason(job: Job, cancelled: BaseException | None = None) -> str:
+    """Why the caller was cancelled, as the job's token reports it: ``deadline exceeded``
+    once the caller's deadline has passed; else the canceller's own reason, read from the
+    cancellation it raised (`cancelled`), if it gave one; else ``the caller was
+    cancelled``."""
+    if time.monotonic() >= job.deadline:
+        return DEADLINE_REASON
+    return canceller_reason(cancelled) or CALLER_CANCELLED
 
 
 def record(job: Job) -> None:
@@ -335,7 +340,7 @@ async def deliver(job: Job) -> Any:
 async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     """The caller was cancelled while `job` was queued or running: fire, escalate, deliver."""
     requests = cancel_requests(cancelled)  # before the waits below absorb any more
-    job.fire(cancel_reason(job))
+    job.fire(cancel_reason(job, cancelled))
     await escalate(job)
     record(job)
     if job.stopped_by_cancel or not job.began:
@@ -349,12 +354,13 @@ async def deliver_cancelled(job: Job, cancelled: BaseException) -> Any:
     return job.result()  # nothing is lost: the value or error still comes back
 
 
-def abandon(job: Job) -> None:
-    """The caller leaves a job a worker has taken (``abandon_on_cancel=True``).
+def abandon(job: Job, cancelled: BaseException | None = None) -> None:
+    """The caller leaves a job a worker has taken (``abandon_on_cancel=True``), as
+    `cancelled` (None: its coroutine was closed).
 
     Its token fires and it is counted abandoned now, not when its worker ends.
     """
-    job.fire(cancel_reason(job))
+    job.fire(cancel_reason(job, cancelled))
     job.move(_ABANDONED)
     counters.count(job.kind, "abandoned")
     _log_cancelled(job.kind, "abandoned", job.func, job.reason)

@@ -152,7 +152,7 @@ async def _run_abandoning(job: ThreadJob, limiter: anyio.CapacityLimiter | None)
         if job.drop_if_queued():
             supervise.record(job)
         else:
-            supervise.abandon(job)
+            supervise.abandon(job, exc)
         raise
     except BaseException as exc:
         if not _raised_by_job(job, exc):
@@ -247,10 +247,11 @@ class _TrioCall:
         supervise.record(job)
         return job.result()
 
-    def _abort(self) -> None:
+    def _abort(self, cancelled: BaseException) -> None:
         job = self.job
-        self.scope.cancel()  # trio tells the worker's thread call at once, synchronously
-        job.fire(supervise.cancel_reason(job))
+        reason = supervise.cancel_reason(job, cancelled)
+        self.scope.cancel(reason)  # trio tells the worker's thread call at once, synchronously
+        job.fire(reason)
         if job.interrupt_after is not None:
             spawn_system_task(_escalate_shielded, job)
 
