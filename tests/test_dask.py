@@ -341,6 +341,34 @@ async def test_cancel_by_deadline(
     )
 
 
+def _report_reason(port: int) -> None:
+    """Tell the test it started, wait on the token, tell the token's reason."""
+    token = current_token()
+    with _report(port, "started"):
+        pass
+    token.wait(30)
+    with _report(port, f"reason={token.reason}"):
+        pass
+    token.check()
+
+
+async def test_the_canceller_s_reason_reaches_the_task(client: distributed.Client) -> None:
+    # Issue 16, item 1: anyio's CancelScope.cancel(reason=...) reaches the task's token.
+    async with _reports() as reports:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_when_started() -> None:
+                    await reports.next()
+                    scope.cancel(reason="the user closed the report")
+
+                group.start_soon(cancel_when_started)
+                await run_on_cluster(client, _report_reason, reports.port)
+        stopped, _ = await reports.next()
+    assert scope.cancelled_caught
+    assert stopped == "reason=the user closed the report"
+
+
 async def test_cancel_by_failing_task_group(client: distributed.Client) -> None:
     async with _reports() as reports:
         with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
