@@ -31,7 +31,7 @@ import anyio
 
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
 from ._threads import run_sync
-from ._util import check_seconds
+from ._util import check_seconds, describe_error
 
 __all__ = (
     "CancelOnDisconnectMiddleware",
@@ -72,7 +72,9 @@ class CancelOnDisconnectMiddleware:
     message is never split, so it may hold one message more); past that it stops
     reading until the app reads, so that a large upload cannot fill memory. While it has
     stopped reading, it cannot see a disconnect: detection resumes when the app reads
-    the body.
+    the body. An error from the server's ``receive``, or a message from it that is not
+    an ASGI message (a dict with a ``"type"`` key; that raises `TypeError`), is raised by
+    the app's next ``receive`` in turn.
 
     ``lifespan`` and ``websocket`` scopes pass through untouched.
 
@@ -232,7 +234,13 @@ class _Exchange:
                 self._receive_error = exc
                 self._wake_app()
                 return
-            if message["type"] == "http.disconnect":
+            try:
+                kind = message["type"]
+            except Exception:  # None, a list, a dict without "type"...: the app fails at once
+                self._receive_error = _malformed(message)
+                self._wake_app()
+                return
+            if kind == "http.disconnect":
                 self._disconnect = message
                 if not self.response_complete:
                     self.app_scope.cancel()
@@ -322,6 +330,27 @@ class _Exchange:
         if self._app_waiting is not None:
             self._app_waiting.set()
             self._app_waiting = None
+
+
+def _malformed(message: object) -> TypeError:
+    """The app's error for a server message that is not an ASGI message.
+
+    TypeError for every shape (None, a number, a list, a dict without "type"): the
+    server handed over a value of the wrong type, and a TypeError is what an app
+    reading ``message["type"]`` sees for most of them. One type, whatever the shape,
+    so that one ``except`` handles the fault.
+    """
+    try:
+        shown = repr(message)
+    except Exception as exc:  # a repr that fails must not hide the fault
+        shown = f"<{type(message).__qualname__} whose repr() raised {describe_error(exc)}>"
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return TypeError(
+        f"the server's receive() returned {shown}, which is not an ASGI message (a dict "
+        f'with a "type" key); {_MIDDLEWARE} stopped reading from it. The ASGI server, or '
+        "a middleware between it and this one, is broken."
+    )
 
 
 def _body_size(message: _Message) -> int:
