@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
+import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
@@ -31,6 +33,7 @@ import anyio
 
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
 from ._threads import run_sync
+from ._tokens import DEADLINE_REASON
 from ._util import check_seconds, describe_error
 
 __all__ = (
@@ -52,6 +55,11 @@ _WATCHER_NAME: Final = "bridgecancel.asgi watcher"
 _TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped.\n"
 
 _MIDDLEWARE: Final = "CancelOnDisconnectMiddleware"  # how argument errors name the call
+
+# Why the middleware cancelled a request, as its log record says (the `reason` field).
+_DISCONNECTED_REASON: Final = "client disconnected"
+
+_logger: Final = logging.getLogger("bridgecancel")
 
 
 class CancelOnDisconnectMiddleware:
@@ -132,6 +140,10 @@ class CancelOnDisconnectMiddleware:
         finally:
             if exchange.watching:
                 await exchange.stop_watching()
+            if exchange.disconnect_cancelled or (
+                self.timeout is not None and exchange.app_scope.cancel_called
+            ):
+                exchange.log_cancelled(scope)
         if exchange.watch_error is not None:
             raise exchange.watch_error  # a bug in watch(), surfaced
         if self.timeout is not None and exchange.timed_out():
@@ -185,6 +197,7 @@ class _Exchange:
     _watcher_waiting: anyio.Event | None = None  # for the app to take one
     _trailers = False
     _watcher: BackgroundTask | None = None  # once started
+    disconnect_cancelled = False  # the disconnect, rather than the deadline, cancelled
     watching = False
     watch_error: BaseException | None = None
     response_started = False
@@ -199,6 +212,7 @@ class _Exchange:
         self._held: deque[_Message] = deque()
         self._on_trio = on_trio()
         self._timeout = timeout
+        self._started = time.monotonic()  # for the log record of a cancelled request
         self.app_scope: Any = new_cancel_scope(self._on_trio)
         if timeout is not None:
             self.app_scope.deadline = anyio.current_time() + timeout
@@ -242,7 +256,8 @@ class _Exchange:
                 return
             if kind == "http.disconnect":
                 self._disconnect = message
-                if not self.response_complete:
+                if not self.response_complete and not self.app_scope.cancel_called:
+                    self.disconnect_cancelled = True
                     self.app_scope.cancel()
                 self._wake_app()
                 return  # uvicorn would repeat the disconnect forever
@@ -308,6 +323,28 @@ class _Exchange:
         # cancellation and returned without a response still gets its 503.
         return (
             self.app_scope.cancel_called and self._disconnect is None and not self.response_complete
+        )
+
+    def log_cancelled(self, scope: _Scope) -> None:
+        """One INFO record for a request the middleware cancelled: what, why, how long.
+
+        The path is the scope's, without the query string (which may hold secrets). The
+        same values are on the record as `method`, `path`, `reason` and `duration_ms`,
+        for formatters and structured logging.
+        """
+        if not _logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = (time.monotonic() - self._started) * 1000
+        method = scope.get("method", "?")
+        path = scope.get("path", "?")
+        reason = _DISCONNECTED_REASON if self.disconnect_cancelled else DEADLINE_REASON
+        _logger.info(
+            "%s %s cancelled after %.0f ms: %s",
+            method,
+            path,
+            duration_ms,
+            reason,
+            extra={"method": method, "path": path, "reason": reason, "duration_ms": duration_ms},
         )
 
     async def answer_timeout(self) -> None:
