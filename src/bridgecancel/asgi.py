@@ -19,6 +19,7 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -34,7 +35,7 @@ import anyio
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
 from ._threads import run_sync
 from ._tokens import DEADLINE_REASON
-from ._util import check_seconds, describe_error
+from ._util import check_seconds, describe, describe_error
 
 __all__ = (
     "CancelOnDisconnectMiddleware",
@@ -60,6 +61,17 @@ _MIDDLEWARE: Final = "CancelOnDisconnectMiddleware"  # how argument errors name 
 _DISCONNECTED_REASON: Final = "client disconnected"
 
 _logger: Final = logging.getLogger("bridgecancel")
+
+# True while an app runs under the middleware, for `threaded` to tell whether anything
+# will cancel it. A context variable, because the request's task and what it starts see
+# it: asyncio tasks, anyio and trio nursery tasks (Starlette's BaseHTTPMiddleware runs the
+# rest of the app in one) and anyio's worker threads run in a copy of their starter's
+# context (trio's system tasks do not, unless given one: bridgecancel's own are), and
+# reading one costs a lookup. Set and reset per call: a task that goes on after the
+# middleware returned (a test, an app that calls another app) is no longer under it.
+_under_middleware: Final = contextvars.ContextVar(
+    "bridgecancel.asgi.under_middleware", default=False
+)
 
 
 class CancelOnDisconnectMiddleware:
@@ -130,24 +142,30 @@ class CancelOnDisconnectMiddleware:
         self.max_buffered = max_buffered
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
+        # Every scope: a @threaded function in a websocket or lifespan handler has the
+        # middleware around it too, and adding it again would not help.
+        entered = _under_middleware.set(True)
         try:
-            with exchange.app_scope:
-                await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
+            try:
+                with exchange.app_scope:
+                    await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
+            finally:
+                if exchange.watching:
+                    await exchange.stop_watching()
+                if exchange.disconnect_cancelled or (
+                    self.timeout is not None and exchange.app_scope.cancel_called
+                ):
+                    exchange.log_cancelled(scope)
+            if exchange.watch_error is not None:
+                raise exchange.watch_error  # a bug in watch(), surfaced
+            if self.timeout is not None and exchange.timed_out():
+                await exchange.answer_timeout()
         finally:
-            if exchange.watching:
-                await exchange.stop_watching()
-            if exchange.disconnect_cancelled or (
-                self.timeout is not None and exchange.app_scope.cancel_called
-            ):
-                exchange.log_cancelled(scope)
-        if exchange.watch_error is not None:
-            raise exchange.watch_error  # a bug in watch(), surfaced
-        if self.timeout is not None and exchange.timed_out():
-            await exchange.answer_timeout()
+            _under_middleware.reset(entered)
 
 
 @types.coroutine
@@ -399,7 +417,8 @@ def _body_size(message: _Message) -> int:
 
 # `threaded`: a sync endpoint or dependency made async, running through `run_sync`.
 #
-# It does not need the middleware (a request without it is not cancelled on disconnect).
+# It works without the middleware, but then nothing cancels it when the client leaves:
+# the first call of each function outside the middleware logs a warning saying so.
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -432,7 +451,10 @@ def threaded(
     For web frameworks that run a plain ``def`` endpoint or dependency in
     ``anyio.to_thread.run_sync`` (which waits for the thread and gives it no way to
     stop): decorated, it runs in a worker thread whose `current_token()` fires when the
-    request is cancelled (for instance by `CancelOnDisconnectMiddleware`).
+    request is cancelled (for instance by `CancelOnDisconnectMiddleware`). Called with no
+    `CancelOnDisconnectMiddleware` around it, nothing cancels it when the client leaves:
+    the first such call of each decorated function logs a WARNING on the
+    ``bridgecancel`` logger that says so and how to add the middleware.
 
     The wrapper keeps the function's name, docstring and signature (with string
     annotations evaluated where possible), so FastAPI injects path, query, body and
@@ -474,8 +496,15 @@ def _threaded(
             "worker call; move the blocking part into a plain function and decorate that"
         )
 
+    # Popped by the first call with no middleware around it (list.pop() is atomic, so
+    # the warning is logged once even if two event loops race for it); once it is
+    # empty, a call costs one more truth test and nothing else.
+    unwarned: list[Callable[..., object]] = [func]
+
     @functools.wraps(func)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if unwarned and not _under_middleware.get():
+            _warn_unguarded(unwarned)
         if kwargs:  # frameworks pass parameters by name
             call = functools.partial(func, *args, **kwargs)
             return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
@@ -483,6 +512,28 @@ def _threaded(
 
     wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
     return wrapper
+
+
+def _warn_unguarded(unwarned: list[Callable[..., object]]) -> None:
+    """Say once per function that nothing cancels its thread when the client leaves.
+
+    Once per function rather than per process: each warning names a function that
+    nothing protects, so an app that has the middleware on one part only (a mounted
+    sub-app, say) learns of every unprotected one, not just the first that was called.
+    """
+    try:
+        func = unwarned.pop()
+    except IndexError:  # another thread's call took it
+        return
+    _logger.warning(
+        "@threaded %s runs without CancelOnDisconnectMiddleware around it: nothing "
+        "cancels its worker thread when the client disconnects, so the thread runs to "
+        "its end. Add the middleware to the ASGI app: "
+        "app.add_middleware(CancelOnDisconnectMiddleware) in Starlette or FastAPI, or "
+        "app = CancelOnDisconnectMiddleware(app) around any ASGI app (from "
+        "bridgecancel.asgi import CancelOnDisconnectMiddleware). Logged once per function.",
+        describe(func),
+    )
 
 
 def _signature(func: Callable[..., object]) -> inspect.Signature:
