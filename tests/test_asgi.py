@@ -7,8 +7,10 @@ and trio), in the test's own event loop.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
-from collections.abc import Callable, MutableMapping
+import time
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,37 @@ async def still_serving(port: int) -> None:
 
 def assert_no_worker_running() -> None:
     assert bridgecancel.statistics().threads.running == 0
+
+
+class CancelledRequests(logging.Handler):
+    """The `bridgecancel` logger's records of cancelled requests; `arrived` is set by each.
+
+    The middleware logs in the request's task, so `emit` runs in the event loop's thread.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self.arrived = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "duration_ms"):
+            self.records.append(record)
+            self.arrived.set()
+
+
+@pytest.fixture
+def cancelled_requests() -> Iterator[CancelledRequests]:
+    logger = logging.getLogger("bridgecancel")
+    handler = CancelledRequests()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.mark.parametrize("keep_alive", [False, True], ids=["close", "keep-alive"])
@@ -537,3 +570,61 @@ async def test_client_leaving_mid_upload_cancels_the_reader(server: str) -> None
             await left.wait()
         assert outcome == ["cancelled"]
         await still_serving(port)
+
+
+async def test_a_request_cancelled_by_its_client_leaving_is_logged_once(
+    server: str, cancelled_requests: CancelledRequests
+) -> None:
+    """One INFO record (method, path, why, how long): uvicorn writes no access line for it."""
+    probe = Probe()
+
+    handler_started: list[float] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        handler_started.append(time.monotonic())
+        await probe.run_blocking()
+        await respond(send)
+
+    request = http_request("POST", "/work?key=secret", b"data")
+    async with serve(server, CancelOnDisconnectMiddleware(with_ping(handler))) as port:
+        left_at = await leave_while_blocked(port, probe, request)
+        with anyio.fail_after(10):
+            await cancelled_requests.arrived.wait()
+        await still_serving(port)  # a request that completes is not logged
+    [record] = cancelled_requests.records
+    assert (record.name, record.levelno) == ("bridgecancel", logging.INFO)
+    fields = (record.method, record.path, record.reason)  # type: ignore[attr-defined]
+    assert fields == ("POST", "/work", "client disconnected")
+    duration: float = record.duration_ms  # type: ignore[attr-defined]
+    ran_at_least = (left_at - handler_started[0]) * 1000  # until its client left
+    assert ran_at_least <= duration < ran_at_least + 10_000
+    message = record.getMessage()
+    assert message.startswith("POST /work cancelled after ")
+    assert message.endswith(f"{round(duration)} ms: client disconnected")
+    assert "secret" not in message  # the query string is left out
+
+
+@pytest.mark.slow
+async def test_a_request_past_its_deadline_is_logged_once(
+    server: str, cancelled_requests: CancelledRequests
+) -> None:
+    probe = Probe()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        await probe.run_blocking()
+        await respond(send)
+
+    app = CancelOnDisconnectMiddleware(with_ping(handler), timeout=0.2)
+    async with serve(server, app) as port:
+        with anyio.fail_after(10):
+            assert (await fetch(port, http_request(path="/slow")))[0] == 503
+            await cancelled_requests.arrived.wait()
+        await still_serving(port)
+    [record] = cancelled_requests.records
+    assert record.levelno == logging.INFO
+    fields = (record.method, record.path, record.reason)  # type: ignore[attr-defined]
+    assert fields == ("GET", "/slow", "deadline exceeded")
+    duration: float = record.duration_ms  # type: ignore[attr-defined]
+    assert 150 <= duration < 10_000  # it ran until its 200 ms deadline
+    message = f"GET /slow cancelled after {round(duration)} ms: deadline exceeded"
+    assert record.getMessage() == message

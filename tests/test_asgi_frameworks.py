@@ -8,6 +8,7 @@ view itself when its client disconnects, and `run_sync` inside the view passes t
 from __future__ import annotations
 
 import hashlib
+import logging
 import types
 from typing import Annotated, Any
 
@@ -217,6 +218,69 @@ async def test_fastapi_threaded_endpoint_stops_when_the_client_leaves(
         assert probe.fired is True
         assert probe.fired_at - left_at < PROMPTLY
         assert await fetch(port, http_request(path="/ping")) == (200, b'"pong"')
+
+
+def fastapi_reports(middleware: str) -> Any:
+    """A FastAPI app with three @threaded functions: a dependency and two endpoints.
+
+    `middleware`: "add_middleware", "wrapped" (around the whole app) or "none".
+    """
+    app = FastAPI()
+    if middleware == "add_middleware":
+        app.add_middleware(CancelOnDisconnectMiddleware)
+
+    @threaded
+    def page_size(size: int = 10) -> int:
+        return size
+
+    @app.get("/report")
+    @threaded
+    def report(size: int = Depends(page_size)) -> int:
+        return size
+
+    @app.get("/other")
+    @threaded
+    def other() -> int:
+        return 1
+
+    return CancelOnDisconnectMiddleware(app) if middleware == "wrapped" else app
+
+
+def bridgecancel_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bridgecancel" and r.levelno == logging.WARNING
+    ]
+
+
+async def test_a_threaded_endpoint_without_the_middleware_warns_once(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once per @threaded function: each warning names one that nothing cancels."""
+    caplog.set_level(logging.WARNING, logger="bridgecancel")
+    warned: list[list[str]] = []
+    async with serve(server, fastapi_reports("none")) as port:
+        for path in ("/report", "/report", "/other", "/other"):
+            assert (await fetch(port, http_request(path=path)))[0] == 200
+            warned.append(bridgecancel_warnings(caplog))
+    assert [len(w) for w in warned] == [2, 2, 3, 3]
+    for message, name in zip(warned[-1], ("page_size", "report", "other"), strict=True):
+        assert f".{name}()" in message
+        assert "without CancelOnDisconnectMiddleware" in message
+        assert "app.add_middleware(CancelOnDisconnectMiddleware)" in message
+        assert "app = CancelOnDisconnectMiddleware(app)" in message
+
+
+@pytest.mark.parametrize("middleware", ["add_middleware", "wrapped"])
+async def test_a_threaded_endpoint_under_the_middleware_does_not_warn(
+    server: str, middleware: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridgecancel")
+    async with serve(server, fastapi_reports(middleware)) as port:
+        for path in ("/report", "/other"):
+            assert (await fetch(port, http_request(path=path)))[0] == 200
+    assert bridgecancel_warnings(caplog) == []
 
 
 # ---------------------------------------------------------------------------- Django

@@ -8,12 +8,15 @@ The same behaviours under real servers are in test_asgi.py.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import MutableMapping
 from typing import Any
 
 import anyio
 import pytest
+import sniffio
+import trio
 
 import bridgecancel
 from bridgecancel.asgi import CancelOnDisconnectMiddleware
@@ -384,3 +387,47 @@ async def test_an_error_from_the_servers_receive_reaches_the_apps_receive() -> N
 
     with pytest.raises(OSError, match="receive failed"):
         await CancelOnDisconnectMiddleware(app)(HTTP_SCOPE, failing_receive, server.send)
+
+
+def running_tasks() -> set[object]:
+    """The tasks alive in this event loop now (trio's system tasks included)."""
+    if sniffio.current_async_library() == "trio":
+        tasks: set[object] = set()
+        pending = [trio.lowlevel.current_root_task()]
+        while pending:
+            task = pending.pop()
+            if task is not None:
+                tasks.add(task)
+                pending.extend(t for n in task.child_nurseries for t in n.child_tasks)
+        return tasks
+    return set(asyncio.all_tasks())
+
+
+MALFORMED: list[Any] = [None, {}, {"body": b"x", "more_body": False}, [], "http.request", 42]
+
+
+@pytest.mark.parametrize("after_a_body", [False, True], ids=["first", "after-a-body"])
+@pytest.mark.parametrize(
+    "malformed", MALFORMED, ids=["None", "empty-dict", "no-type", "list", "str", "int"]
+)
+async def test_a_malformed_message_from_the_server_raises_in_the_apps_receive(
+    malformed: Any, after_a_body: bool
+) -> None:
+    """A server's message that is not a dict with a "type" fails the app's receive() at once."""
+    first = body(b"a", True)
+    server = ScriptedServer(*([first] if after_a_body else []), malformed)
+    received: list[Message] = []
+    tasks_before = running_tasks()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            received.append(await receive())
+
+    with anyio.fail_after(5), pytest.raises(TypeError) as raised:
+        await CancelOnDisconnectMiddleware(app)(HTTP_SCOPE, server.receive, server.send)
+    message = str(raised.value)
+    assert "not an ASGI message" in message
+    assert repr(malformed) in message
+    assert received == ([first] if after_a_body else [])
+    assert server.sent == []
+    assert running_tasks() == tasks_before  # the watcher has ended

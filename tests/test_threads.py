@@ -27,6 +27,7 @@ import trio
 
 import bridgecancel
 from bridgecancel import Cancelled, CancelSource, CancelToken, current_token, run_sync
+from bridgecancel.testing import IDLE_THREAD_PREFIXES
 
 CALLER_CANCELLED = "the caller was cancelled"
 WAIT = 10.0  # upper bound for any wait that should end much sooner
@@ -116,6 +117,46 @@ async def test_no_current_async_library_in_the_worker() -> None:
 
     assert await run_sync(library) == "none"
     assert await anyio.to_thread.run_sync(library) == "none"
+
+
+def _this_thread_and_its_name() -> tuple[threading.Thread, str]:
+    thread = threading.current_thread()
+    return thread, thread.name
+
+
+class _Job:
+    def __call__(self) -> tuple[threading.Thread, str]:
+        return _this_thread_and_its_name()
+
+
+def _fail_in(threads: list[threading.Thread]) -> None:
+    threads.append(threading.current_thread())
+    raise LookupError(threading.current_thread().name)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("abandon_on_cancel", [False, True])
+async def test_a_worker_thread_is_named_after_its_job_while_it_runs(
+    abandon_on_cancel: bool,
+) -> None:
+    """While a job runs, its thread is called ``bridgecancel: module.function``; after it,
+    the thread has its pool's own name back (an idle pooled thread, as leak checks see)."""
+    run = functools.partial(run_sync, abandon_on_cancel=abandon_on_cancel)
+    expected = f"bridgecancel: {__name__}._this_thread_and_its_name"
+    thread, name = await run(_this_thread_and_its_name)
+    assert name == expected
+    assert thread.name.startswith(IDLE_THREAD_PREFIXES)
+    thread, name = await run(functools.partial(_this_thread_and_its_name))
+    assert name == expected  # a partial is named after its function
+    thread, name = await run(_Job())
+    assert name == f"bridgecancel: {__name__}._Job"  # a callable object, after its class
+    assert thread.name.startswith(IDLE_THREAD_PREFIXES)
+
+    threads: list[threading.Thread] = []
+    with pytest.raises(LookupError) as raised:
+        await run(_fail_in, threads)
+    assert raised.value.args == (f"bridgecancel: {__name__}._fail_in",)
+    assert threads[0].name.startswith(IDLE_THREAD_PREFIXES)  # restored after an error too
 
 
 @pytest.mark.anyio

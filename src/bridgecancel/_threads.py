@@ -284,6 +284,21 @@ async def _run_on_trio(job: ThreadJob, limiter: anyio.CapacityLimiter) -> Any:
 # -- the thread job ------------------------------------------------------------------------
 
 
+def thread_name(func: object) -> str:
+    """``bridgecancel: module.qualname``: a worker thread's name while it runs `func`.
+
+    Never the name of whatever started the thread (trio names a thread after its caller's
+    task, which is bridgecancel's private host task here). A partial is named after its
+    function, an object with no ``__qualname__`` after its class.
+    """
+    while isinstance(func, functools.partial):
+        func = func.func
+    named = func if hasattr(func, "__qualname__") else type(func)
+    qualname = getattr(named, "__qualname__", "?")
+    module = getattr(named, "__module__", None)
+    return f"bridgecancel: {module}.{qualname}" if module else f"bridgecancel: {qualname}"
+
+
 class _Unlimited:
     """A limiter that never waits: the real limiter is held by the caller instead."""
 
@@ -369,6 +384,12 @@ class ThreadJob(Job):
         self.move(_RUNNING)
         _current.set(token)
         func = self.func
+        # Named after the job while it runs (what logging's threadName, faulthandler and
+        # debuggers show), then given back its pool's own name before the caller can
+        # learn that the job ended, so an idle pooled thread looks idle at once.
+        thread = threading.current_thread()
+        pool_name = thread.name
+        thread.name = thread_name(func)
         try:
             guard = self.guard
             value = func(*self.args) if guard is None else guard.run(func, *self.args)
@@ -379,8 +400,10 @@ class ThreadJob(Job):
                     "directly instead of passing it to run_sync()"
                 )
         except BaseException as exc:
+            thread.name = pool_name
             self._end(_FINISHED, None, exc)
             raise
+        thread.name = pool_name
         self._end(_FINISHED, value, None)
         return value
 

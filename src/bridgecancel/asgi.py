@@ -19,9 +19,12 @@ both report ``http.disconnect`` as soon as a response is complete (uvicorn on ev
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import logging
 import math
+import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
@@ -31,7 +34,8 @@ import anyio
 
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
 from ._threads import run_sync
-from ._util import check_seconds
+from ._tokens import DEADLINE_REASON
+from ._util import check_seconds, describe, describe_error
 
 __all__ = (
     "CancelOnDisconnectMiddleware",
@@ -53,6 +57,22 @@ _TIMEOUT_BODY = b"The request took longer than the server allows; it was stopped
 
 _MIDDLEWARE: Final = "CancelOnDisconnectMiddleware"  # how argument errors name the call
 
+# Why the middleware cancelled a request, as its log record says (the `reason` field).
+_DISCONNECTED_REASON: Final = "client disconnected"
+
+_logger: Final = logging.getLogger("bridgecancel")
+
+# True while an app runs under the middleware, for `threaded` to tell whether anything
+# will cancel it. A context variable, because the request's task and what it starts see
+# it: asyncio tasks, anyio and trio nursery tasks (Starlette's BaseHTTPMiddleware runs the
+# rest of the app in one) and anyio's worker threads run in a copy of their starter's
+# context (trio's system tasks do not, unless given one: bridgecancel's own are), and
+# reading one costs a lookup. Set and reset per call: a task that goes on after the
+# middleware returned (a test, an app that calls another app) is no longer under it.
+_under_middleware: Final = contextvars.ContextVar(
+    "bridgecancel.asgi.under_middleware", default=False
+)
+
 
 class CancelOnDisconnectMiddleware:
     """ASGI middleware: a client that leaves (or a request past its deadline) cancels its handler.
@@ -72,7 +92,9 @@ class CancelOnDisconnectMiddleware:
     message is never split, so it may hold one message more); past that it stops
     reading until the app reads, so that a large upload cannot fill memory. While it has
     stopped reading, it cannot see a disconnect: detection resumes when the app reads
-    the body.
+    the body. An error from the server's ``receive``, or a message from it that is not
+    an ASGI message (a dict with a ``"type"`` key; that raises `TypeError`), is raised by
+    the app's next ``receive`` in turn.
 
     ``lifespan`` and ``websocket`` scopes pass through untouched.
 
@@ -120,20 +142,30 @@ class CancelOnDisconnectMiddleware:
         self.max_buffered = max_buffered
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
+        # Every scope: a @threaded function in a websocket or lifespan handler has the
+        # middleware around it too, and adding it again would not help.
+        entered = _under_middleware.set(True)
         try:
-            with exchange.app_scope:
-                await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            exchange = _Exchange(receive, send, self.max_buffered, self.timeout)
+            try:
+                with exchange.app_scope:
+                    await _run_watched(self.app(scope, exchange.receive, exchange.send), exchange)
+            finally:
+                if exchange.watching:
+                    await exchange.stop_watching()
+                if exchange.disconnect_cancelled or (
+                    self.timeout is not None and exchange.app_scope.cancel_called
+                ):
+                    exchange.log_cancelled(scope)
+            if exchange.watch_error is not None:
+                raise exchange.watch_error  # a bug in watch(), surfaced
+            if self.timeout is not None and exchange.timed_out():
+                await exchange.answer_timeout()
         finally:
-            if exchange.watching:
-                await exchange.stop_watching()
-        if exchange.watch_error is not None:
-            raise exchange.watch_error  # a bug in watch(), surfaced
-        if self.timeout is not None and exchange.timed_out():
-            await exchange.answer_timeout()
+            _under_middleware.reset(entered)
 
 
 @types.coroutine
@@ -183,6 +215,7 @@ class _Exchange:
     _watcher_waiting: anyio.Event | None = None  # for the app to take one
     _trailers = False
     _watcher: BackgroundTask | None = None  # once started
+    disconnect_cancelled = False  # the disconnect, rather than the deadline, cancelled
     watching = False
     watch_error: BaseException | None = None
     response_started = False
@@ -197,6 +230,7 @@ class _Exchange:
         self._held: deque[_Message] = deque()
         self._on_trio = on_trio()
         self._timeout = timeout
+        self._started = time.monotonic()  # for the log record of a cancelled request
         self.app_scope: Any = new_cancel_scope(self._on_trio)
         if timeout is not None:
             self.app_scope.deadline = anyio.current_time() + timeout
@@ -232,9 +266,16 @@ class _Exchange:
                 self._receive_error = exc
                 self._wake_app()
                 return
-            if message["type"] == "http.disconnect":
+            try:
+                kind = message["type"]
+            except Exception:  # None, a list, a dict without "type"...: the app fails at once
+                self._receive_error = _malformed(message)
+                self._wake_app()
+                return
+            if kind == "http.disconnect":
                 self._disconnect = message
-                if not self.response_complete:
+                if not self.response_complete and not self.app_scope.cancel_called:
+                    self.disconnect_cancelled = True
                     self.app_scope.cancel()
                 self._wake_app()
                 return  # uvicorn would repeat the disconnect forever
@@ -302,6 +343,28 @@ class _Exchange:
             self.app_scope.cancel_called and self._disconnect is None and not self.response_complete
         )
 
+    def log_cancelled(self, scope: _Scope) -> None:
+        """One INFO record for a request the middleware cancelled: what, why, how long.
+
+        The path is the scope's, without the query string (which may hold secrets). The
+        same values are on the record as `method`, `path`, `reason` and `duration_ms`,
+        for formatters and structured logging.
+        """
+        if not _logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = (time.monotonic() - self._started) * 1000
+        method = scope.get("method", "?")
+        path = scope.get("path", "?")
+        reason = _DISCONNECTED_REASON if self.disconnect_cancelled else DEADLINE_REASON
+        _logger.info(
+            "%s %s cancelled after %.0f ms: %s",
+            method,
+            path,
+            duration_ms,
+            reason,
+            extra={"method": method, "path": path, "reason": reason, "duration_ms": duration_ms},
+        )
+
     async def answer_timeout(self) -> None:
         if self.response_started:
             return  # returning with the response unfinished makes the server close it
@@ -324,6 +387,27 @@ class _Exchange:
             self._app_waiting = None
 
 
+def _malformed(message: object) -> TypeError:
+    """The app's error for a server message that is not an ASGI message.
+
+    TypeError for every shape (None, a number, a list, a dict without "type"): the
+    server handed over a value of the wrong type, and a TypeError is what an app
+    reading ``message["type"]`` sees for most of them. One type, whatever the shape,
+    so that one ``except`` handles the fault.
+    """
+    try:
+        shown = repr(message)
+    except Exception as exc:  # a repr that fails must not hide the fault
+        shown = f"<{type(message).__qualname__} whose repr() raised {describe_error(exc)}>"
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return TypeError(
+        f"the server's receive() returned {shown}, which is not an ASGI message (a dict "
+        f'with a "type" key); {_MIDDLEWARE} stopped reading from it. The ASGI server, or '
+        "a middleware between it and this one, is broken."
+    )
+
+
 def _body_size(message: _Message) -> int:
     body = message.get("body")
     return len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
@@ -333,7 +417,8 @@ def _body_size(message: _Message) -> int:
 
 # `threaded`: a sync endpoint or dependency made async, running through `run_sync`.
 #
-# It does not need the middleware (a request without it is not cancelled on disconnect).
+# It works without the middleware, but then nothing cancels it when the client leaves:
+# the first call of each function outside the middleware logs a warning saying so.
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -366,7 +451,10 @@ def threaded(
     For web frameworks that run a plain ``def`` endpoint or dependency in
     ``anyio.to_thread.run_sync`` (which waits for the thread and gives it no way to
     stop): decorated, it runs in a worker thread whose `current_token()` fires when the
-    request is cancelled (for instance by `CancelOnDisconnectMiddleware`).
+    request is cancelled (for instance by `CancelOnDisconnectMiddleware`). Called with no
+    `CancelOnDisconnectMiddleware` around it, nothing cancels it when the client leaves:
+    the first such call of each decorated function logs a WARNING on the
+    ``bridgecancel`` logger that says so and how to add the middleware.
 
     The wrapper keeps the function's name, docstring and signature (with string
     annotations evaluated where possible), so FastAPI injects path, query, body and
@@ -408,8 +496,15 @@ def _threaded(
             "worker call; move the blocking part into a plain function and decorate that"
         )
 
+    # Popped by the first call with no middleware around it (list.pop() is atomic, so
+    # the warning is logged once even if two event loops race for it); once it is
+    # empty, a call costs one more truth test and nothing else.
+    unwarned: list[Callable[..., object]] = [func]
+
     @functools.wraps(func)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if unwarned and not _under_middleware.get():
+            _warn_unguarded(unwarned)
         if kwargs:  # frameworks pass parameters by name
             call = functools.partial(func, *args, **kwargs)
             return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
@@ -417,6 +512,28 @@ def _threaded(
 
     wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
     return wrapper
+
+
+def _warn_unguarded(unwarned: list[Callable[..., object]]) -> None:
+    """Say once per function that nothing cancels its thread when the client leaves.
+
+    Once per function rather than per process: each warning names a function that
+    nothing protects, so an app that has the middleware on one part only (a mounted
+    sub-app, say) learns of every unprotected one, not just the first that was called.
+    """
+    try:
+        func = unwarned.pop()
+    except IndexError:  # another thread's call took it
+        return
+    _logger.warning(
+        "@threaded %s runs without CancelOnDisconnectMiddleware around it: nothing "
+        "cancels its worker thread when the client disconnects, so the thread runs to "
+        "its end. Add the middleware to the ASGI app: "
+        "app.add_middleware(CancelOnDisconnectMiddleware) in Starlette or FastAPI, or "
+        "app = CancelOnDisconnectMiddleware(app) around any ASGI app (from "
+        "bridgecancel.asgi import CancelOnDisconnectMiddleware). Logged once per function.",
+        describe(func),
+    )
 
 
 def _signature(func: Callable[..., object]) -> inspect.Signature:
