@@ -276,7 +276,7 @@ class _Exchange:
                 self._disconnect = message
                 if not self.response_complete and not self.app_scope.cancel_called:
                     self.disconnect_cancelled = True
-                    self.app_scope.cancel()
+                    self.app_scope.cancel(_DISCONNECTED_REASON)
                 self._wake_app()
                 return  # uvicorn would repeat the disconnect forever
             self._held.append(message)
