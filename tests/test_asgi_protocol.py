@@ -321,6 +321,35 @@ async def test_an_app_error_propagates_as_itself() -> None:
         await CancelOnDisconnectMiddleware(app)(HTTP_SCOPE, server.receive, server.send)
 
 
+@pytest.mark.parametrize("outcome", ["error", "response"])
+async def test_a_cancelled_outer_scope_never_changes_what_the_app_did(outcome: str) -> None:
+    # Issue 17, item 1: the middleware's task is in a cancelled scope as the app returns
+    # (a framework's cleanup cancelled it). On asyncio the wait for the watcher was not
+    # shielded, so an error the app raised, or a response it sent in full, ended in a
+    # cancellation instead.
+    server = ScriptedServer(body(b"", False))
+    outer = anyio.CancelScope()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0)  # the watcher starts at the app's first wait
+        outer.cancel()
+        if outcome == "error":
+            raise KeyError("from the app")
+        await respond(send)
+
+    middleware = CancelOnDisconnectMiddleware(app)
+    if outcome == "error":
+        with pytest.raises(KeyError, match="from the app"), outer:
+            await middleware(HTTP_SCOPE, server.receive, server.send)
+    else:
+        with outer:
+            await middleware(HTTP_SCOPE, server.receive, server.send)
+            returned = True
+        assert returned  # the middleware returned as the app did, no cancellation
+        assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.body"]
+
+
 async def test_an_outer_cancellation_propagates() -> None:
     server = ScriptedServer(body(b"", False))
 

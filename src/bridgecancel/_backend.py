@@ -156,8 +156,11 @@ class BackgroundTask:
                     await self._done.wait()
         elif not task.done():
             task.cancel()
+            # Shielded like trio's branch, so that a scope of the caller's that is
+            # cancelled meanwhile cannot replace what the caller is returning or raising;
             # asyncio.wait never raises the task's cancellation in this one.
-            await asyncio.wait((task,))
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait((task,))
 
 
 def spawn_system_task(fn: Callable[..., Awaitable[object]], *args: object) -> None:
