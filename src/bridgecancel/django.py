@@ -309,7 +309,7 @@ class _QueryCanceller:
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
-        token = self._token or current_token()
+        token = current_token() if self._token is None else self._token
         if token.cancel_called and _ends_a_transaction(sql):
             return execute(sql, params, many, context)  # the unwinding must be able to finish
         token.check()  # fired already: start no query that nobody would stop
