@@ -266,7 +266,7 @@ def test_cancellable_checks_its_options(options: dict[str, Any], error: type[Exc
 # -- under uvicorn, with PostgreSQL ---------------------------------------------------------
 
 
-@pytest.mark.slow  # each test of the site: its process is started once, for all of them
+@pytest.mark.slow  # the site: a Django process of its own, started once for the module
 def test_client_leaves_and_the_query_leaves_pg_stat_activity(
     site: Site, monitor: psycopg.Connection[Any]
 ) -> None:
