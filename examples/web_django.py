@@ -1,25 +1,60 @@
-"""Django: an async view whose worker thread stops when its client leaves.
+"""Django: views whose work stops when the client leaves, sync and async.
 
-    pip install django uvicorn
-    python examples/web_django.py [PORT]    # 8000 by default
-    curl '127.0.0.1:8000/export?rows=100'    # then press Ctrl-C in curl's terminal
+    pip install django uvicorn               # and psycopg for PostgreSQL
+    python examples/web_django.py [PORT]     # 8000 by default
+    curl '127.0.0.1:8000/report?seconds=30'  # then press Ctrl-C in curl's terminal
+    curl '127.0.0.1:8000/export?rows=100'    # the same
 
-Django (5.0 and later) cancels an async view itself when the client disconnects, so no
-middleware is needed: `bridgecancel.run_sync` passes that cancellation to its worker's
-token. (A sync view, or ``sync_to_async``, would keep its thread running to the end.)
+``/report`` is a plain ``def`` view that runs a slow query through Django's cursor,
+made cancellable with `bridgecancel.django.cancellable`: when the client leaves, the
+query is cancelled on the database server and the view stops with `Cancelled` (without
+the decorator, Django would leave it running to its end in its thread). The database is
+an in-memory SQLite one, or PostgreSQL if ``BRIDGECANCEL_TEST_PG_DSN`` names a server
+(``bash .ci/postgres.sh`` starts one and prints its DSN).
 
-One file for the example; in a project, the view goes in views.py and the settings in
+``/export`` is an async view: Django (5.0 and later) cancels it itself when the client
+disconnects, so no decorator is needed, and `bridgecancel.run_sync` passes that
+cancellation to its worker's token.
+
+One file for the example; in a project, the views go in views.py and the settings in
 settings.py as usual.
 """
 
 from __future__ import annotations
 
+import os
+
 import django
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
 from bridgecancel import Cancelled, current_token, run_sync
+from bridgecancel.django import cancellable
+
+# SQLite counts a few million numbers a second: for `seconds`, count that many.
+COUNT = """
+    WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < %s)
+    SELECT count(*) FROM n
+"""
+
+
+@cancellable(timeout=120)  # the client leaves, or two minutes pass: the view stops
+def report(request: HttpRequest) -> JsonResponse:
+    seconds = float(request.GET.get("seconds", "30"))
+    print(f"report: query running ({connection.vendor}, {seconds} s)", flush=True)
+    try:
+        with connection.cursor() as cursor:  # stands for a slow report query
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT pg_sleep(%s)", [seconds])
+            else:
+                cursor.execute(COUNT, [int(seconds * 2_000_000)])
+    except Cancelled:
+        reason = current_token().reason
+        print(f"report: client left ({reason}); query cancelled on the database", flush=True)
+        raise
+    return JsonResponse({"seconds": seconds})
 
 
 def export(rows: int) -> int:
@@ -41,7 +76,24 @@ async def export_view(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"rows": await run_sync(export, rows)})
 
 
-urlpatterns = [path("export", export_view)]
+urlpatterns = [path("report", report), path("export", export_view)]
+
+
+def database() -> dict[str, object]:
+    dsn = os.environ.get("BRIDGECANCEL_TEST_PG_DSN")
+    if not dsn:
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": params.get("host", ""),
+        "PORT": params.get("port", ""),
+        "USER": params.get("user", ""),
+        "NAME": params.get("dbname", ""),
+    }
+
 
 if not settings.configured:
     settings.configure(
@@ -51,6 +103,7 @@ if not settings.configured:
         ROOT_URLCONF=__name__,
         MIDDLEWARE=[],
         INSTALLED_APPS=[],
+        DATABASES={"default": database()},
     )
 django.setup(set_prefix=False)
 

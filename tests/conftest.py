@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# The session's PostgreSQL server, shared by every test file that asks for it.
+from _postgres import pg_server as pg_server
+
 # The leak check users get too (also loaded by the package's pytest11 entry point).
 pytest_plugins = ["bridgecancel.testing"]
 

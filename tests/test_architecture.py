@@ -335,6 +335,16 @@ def test_only_the_cluster_modules_import_dask() -> None:
     assert importers == {"dask", "_dask_cluster", "_demo.cluster"}
 
 
+def test_only_the_django_module_imports_django() -> None:
+    importers = {
+        name
+        for name in MODULES
+        for imported in _imports(name)
+        if imported.split(".")[0] == "django"
+    }
+    assert importers == {"django"}
+
+
 def test_the_packages_a_worker_may_load_are_empty() -> None:
     # `_process/__init__.py` runs in every worker before `_child`; `_demo/__init__.py` runs
     # in a worker that unpickles a demo job. Neither may load anything.

@@ -22,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STARTUP = 30.0  # seconds a server may take to import its framework and listen
 PROMPTLY = 5.0  # from the client leaving to the example's "stopped" line (with printing)
 
-# example: (slow request path, its "working" line, its "stopped" line, a quick request path)
+# example[:case]: (slow request path, its "working" line, its "stopped" line, a quick request path)
 CASES = {
     "web_fastapi": ("/report?rows=600", "report: working", "report: client left", "/report?rows=1"),
     "web_starlette": (
@@ -38,6 +38,13 @@ CASES = {
         "/wait?seconds=0",
     ),
     "web_django": ("/export?rows=600", "export: working", "export: client left", "/export?rows=1"),
+    # The same example's sync view, made cancellable: a slow SQLite query through Django.
+    "web_django:report": (
+        "/report?seconds=60",
+        "report: query running",
+        "report: client left",
+        "/report?seconds=0",
+    ),
 }
 
 
@@ -63,7 +70,7 @@ class _Server:
 
     def __init__(self, name: str, port: int) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-u", str(EXAMPLES / f"{name}.py"), str(port)],
+            [sys.executable, "-u", str(EXAMPLES / f"{name.split(':')[0]}.py"), str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

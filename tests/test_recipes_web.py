@@ -6,26 +6,21 @@ must stop on the far side (PostgreSQL, SQLite, an HTTP server) and the endpoint'
 resources must stay usable. Each runs under uvicorn, hypercorn on asyncio and hypercorn's
 trio worker; the worker-side recipes also run without a server, on asyncio and trio.
 
-PostgreSQL comes from ``BRIDGECANCEL_TEST_PG_DSN`` (``.ci/run`` sets it with
-``.ci/postgres.sh``), or else from ``.ci/postgres.sh --no-install`` started here for the
-session (a port and a data folder of its own) and stopped when it ends. Only when neither
-gives a server, and ``CI`` is not set, are the PostgreSQL tests skipped, with a reason that
-says so; under CI they fail instead.
+PostgreSQL comes from the session's `pg_server` fixture (tests/_postgres.py): the server
+``BRIDGECANCEL_TEST_PG_DSN`` names, or one started for the session.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import psycopg
@@ -42,7 +37,6 @@ sqlite_recipe = load("recipe_sqlite")
 socket_recipe = load("recipe_socket_download")
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_SCRIPT = ROOT / ".ci" / "postgres.sh"
 PROMPT = 1.0  # "gone within a second": what the issue promises, end to end
 PATIENCE = 10.0  # how long to wait for something that should happen at all
 
@@ -50,70 +44,6 @@ pytestmark = pytest.mark.anyio
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
-
-
-def _pg_unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the PostgreSQL tests, but {reason}", pytrace=False)
-    pytest.skip(
-        f"PostgreSQL recipe tests NOT RUN: {reason}. Install Debian's postgresql package "
-        "(apt-get install postgresql) or set BRIDGECANCEL_TEST_PG_DSN; CI runs them."
-    )
-
-
-def _pg_script(folder: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run .ci/postgres.sh for the server whose data folder is `folder`."""
-    return subprocess.run(
-        ["bash", str(PG_SCRIPT), *args],
-        env={**os.environ, "BRIDGECANCEL_PG_DIR": folder},
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-
-
-def _start_pg(folder: str) -> str:
-    """Start a server in `folder` (on a free port); its DSN."""
-    try:
-        result = _pg_script(folder, "--no-install")
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _pg_unavailable(f"{PG_SCRIPT} could not run ({exc})")
-    if result.returncode != 0:
-        _pg_unavailable(f"{PG_SCRIPT} could not start a server: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def _check_pg(dsn: str) -> None:
-    try:
-        psycopg.connect(dsn, connect_timeout=10).close()
-    except psycopg.OperationalError as exc:
-        _pg_unavailable(f"no PostgreSQL answers at {dsn!r} ({exc})")
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A DSN of a reachable PostgreSQL server: the given one, or one started for this session.
-
-    A server started here has a port and a data folder of its own, so test runs side by
-    side never share one; it is stopped and its folder removed when the session ends,
-    whatever the tests did.
-    """
-    given = os.environ.get("BRIDGECANCEL_TEST_PG_DSN")
-    if given:
-        _check_pg(given)
-        yield given
-        return
-    # In the temporary folder itself: the server's own user (postgres, when the tests run
-    # as root) must reach it, which it cannot below pytest's private temporary folders.
-    folder = tempfile.mkdtemp(prefix="bridgecancel-pg.")
-    try:
-        dsn = _start_pg(folder)
-        _check_pg(dsn)
-        yield dsn
-    finally:
-        stopped = _pg_script(folder, "--stop")
-        assert stopped.returncode == 0, (
-            f"the PostgreSQL server of {folder} did not stop: {stopped.stderr.strip()}"
-        )
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
