@@ -44,3 +44,60 @@ def test_each_readme_sample_runs_and_prints_its_outcome(code: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the sample printed nothing"
+
+
+# -- install lines work without PyPI ------------------------------------------------------
+# bridgecancel is not on PyPI: an install line must install it from a checkout (``-e .``,
+# ``".[dask]"``) or name where it is (``"bridgecancel[dask] @ file://..."``).
+
+_INSTALL = re.compile(r"\b(?:pip3? install|uv pip install|pipx install|uv add)\b([^()#;|&`\n]*)")
+# bridgecancel as a requirement (not a path such as ./bridgecancel), with no "@ <where>".
+_FROM_INDEX = re.compile(r"(?<![\w./:-])bridgecancel(?:\[[^]]*\])?(?![\w.\[-]|\s*@)")
+
+
+def _installs_from_pypi(line: str) -> bool:
+    return any(_FROM_INDEX.search(rest) for rest in _INSTALL.findall(line))
+
+
+def _text_files() -> list[Path]:
+    """What a user reads or runs: README, docs, examples, the library, the benchmarks."""
+    files = [README, ROOT / "pyproject.toml", *sorted((ROOT / ".ci").glob("*"))]
+    for folder, patterns in [
+        ("docs", ["*.md"]),
+        ("examples", ["*.py"]),
+        ("src", ["*.py"]),
+        ("benchmarks", ["*.py", "*.md"]),
+    ]:
+        for pattern in patterns:
+            files += sorted((ROOT / folder).rglob(pattern))
+    return [f for f in files if f.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("line", "from_pypi"),
+    [
+        ('pip install "bridgecancel[dask]"', True),
+        ("python -m pip install bridgecancel", True),
+        ("\"...: pip install 'bridgecancel[dask,trio]'\"", True),
+        ("uv add bridgecancel==0.1", True),
+        ('python -m pip install -e ".[dask]"', False),
+        ('pip install "bridgecancel[dask] @ file:///home/me/bridgecancel"', False),
+        ("pip install ./bridgecancel", False),
+        ("pip install distributed (or, from a bridgecancel checkout, pip install -e .)", False),
+    ],
+)
+def test_the_install_line_check_tells_pypi_from_a_checkout(line: str, from_pypi: bool) -> None:
+    assert _installs_from_pypi(line) is from_pypi
+
+
+def test_no_install_line_fetches_bridgecancel_from_pypi() -> None:
+    files = _text_files()
+    assert README in files
+    assert ROOT / "src" / "bridgecancel" / "dask.py" in files
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _installs_from_pypi(line)
+    ]
+    assert not found, "bridgecancel is not on PyPI; install from a checkout:\n" + "\n".join(found)

@@ -79,7 +79,10 @@ def main() -> int:
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")
     else:
-        print("trio is not installed (install the 'trio' extra): asyncio only", file=sys.stderr)
+        print(
+            "trio is not installed (pip install -e '.[trio]' from a checkout): asyncio only",
+            file=sys.stderr,
+        )
     progress = _Progress(len(CASES) * len(backends), sys.stderr)
     rows: list[dict[str, str]] = []
     ok = True
