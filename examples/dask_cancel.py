@@ -1,5 +1,7 @@
 """Cancel a task on a Dask cluster from a cancel scope: it is told, stops, frees its thread.
 
+Needs Dask's ``distributed`` scheduler (the ``dask`` extra), and trio to run it on trio:
+
     python -m pip install -e ".[dask,trio]"    # from the repository root
     python examples/dask_cancel.py [asyncio|trio]
 

@@ -6,9 +6,11 @@ The built-docs tests need the ``docs`` dependency group (part of the ``test`` gr
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,43 @@ def test_no_install_line_fetches_bridgecancel_from_pypi() -> None:
         if _installs_from_pypi(line)
     ]
     assert not found, "bridgecancel is not on PyPI; install from a checkout:\n" + "\n".join(found)
+
+
+# -- each example says what it needs beyond bridgecancel, and how to install it ------------
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def _installed_with_bridgecancel() -> set[str]:
+    """bridgecancel and the modules of its own (not optional) dependencies."""
+    requires = metadata.requires("bridgecancel") or []
+    required = [r for r in requires if "extra ==" not in r]
+    names = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0] for r in required}
+    return {"bridgecancel"} | {name.lower().replace("-", "_") for name in names}
+
+
+def test_the_examples_are_found() -> None:
+    assert ROOT / "examples" / "recipe_postgres.py" in EXAMPLES
+    assert "anyio" in _installed_with_bridgecancel()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_each_example_docstring_names_what_it_needs_and_how_to_install_it(path: Path) -> None:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    doc = ast.get_docstring(tree) or ""
+    needs = _top_level_imports(tree) - set(sys.stdlib_module_names)
+    needs -= _installed_with_bridgecancel()
+    unnamed = sorted(n for n in needs if not re.search(rf"\b{n}\b", doc, re.IGNORECASE))
+    assert not unnamed, f"{path.name} imports {unnamed} but its docstring does not name them"
+    if needs:
+        assert "pip install" in doc, f"{path.name} needs {sorted(needs)}: say how to install"
