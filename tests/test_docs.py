@@ -143,3 +143,55 @@ def test_each_example_docstring_names_what_it_needs_and_how_to_install_it(path: 
     assert not unnamed, f"{path.name} imports {unnamed} but its docstring does not name them"
     if needs:
         assert "pip install" in doc, f"{path.name} needs {sorted(needs)}: say how to install"
+
+
+# -- the built docs work offline ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The docs, built as ``mkdocs build`` builds them (not strict: others' warnings are
+    the docs build's business, checked by CI, not these tests')."""
+    pytest.importorskip("mkdocs", reason="the docs dependency group is not installed")
+    out = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--quiet", "--site-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+_EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)  # http://, https://, //
+
+
+def test_mkdocs_yml_highlights_code_at_build_time_without_a_cdn() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    # The mkdocs theme loads highlight.js from cdnjs unless told not to.
+    assert re.search(r"^  highlightjs: false$", config, re.MULTILINE)
+    assert "pymdownx.highlight" in config
+    assert not re.search(r"https?://", config)
+
+
+@pytest.mark.slow
+def test_the_built_docs_load_no_script_or_style_from_another_site(site: Path) -> None:
+    pages = sorted(site.rglob("*.html"))
+    assert site / "index.html" in pages
+    external = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for tag in re.findall(r"<(?:script|link)\b[^>]*>", text):
+            for url in re.findall(r"\b(?:src|href)=[\"']([^\"']*)", tag):
+                if _EXTERNAL.match(url):
+                    external.append(f"{page.relative_to(site)}: {tag}")
+    assert not external, "\n".join(external)
+
+
+@pytest.mark.slow
+def test_the_built_docs_highlight_python_code(site: Path) -> None:
+    # Pygments' markup (<span class="kn">import</span>) and its stylesheet, served locally.
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert '<span class="kn">import</span>' in index
+    assert re.search(r'<link [^>]*href="css/pygments\.css"', index)
+    assert ".highlight .kn" in (site / "css" / "pygments.css").read_text(encoding="utf-8")
+
