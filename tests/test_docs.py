@@ -7,6 +7,7 @@ The built-docs tests need the ``docs`` dependency group (part of the ``test`` gr
 from __future__ import annotations
 
 import ast
+import html
 import re
 import subprocess
 import sys
@@ -195,3 +196,28 @@ def test_the_built_docs_highlight_python_code(site: Path) -> None:
     assert re.search(r'<link [^>]*href="css/pygments\.css"', index)
     assert ".highlight .kn" in (site / "css" / "pygments.css").read_text(encoding="utf-8")
 
+
+# -- the API reference shows public names only -------------------------------------------
+
+_PRIVATE = re.compile(r"(?<![\w.])_[A-Za-z]\w*")
+
+
+def _text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+@pytest.mark.slow
+def test_signatures_in_the_reference_show_no_private_names(site: Path) -> None:
+    found = []
+    pages = [p for p in sorted(site.rglob("*.html")) if "doc-signature" in p.read_text()]
+    assert site / "api" / "index.html" in pages
+    assert site / "web" / "index.html" in pages  # bridgecancel.asgi's reference
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        signatures = re.findall(r'<div class="doc-signature[^"]*">(.*?)</div>', text, re.DOTALL)
+        # Parameter lists name each type and default again: <span title="module.Name">.
+        cross = re.findall(r'<span title="bridgecancel[\w.]*">([^<]*)</span>', text)
+        for fragment in [*signatures, *cross]:
+            for name in set(_PRIVATE.findall(_text(fragment))):
+                found.append(f"{page.relative_to(site)}: {name}")
+    assert not found, "private names in the reference:\n" + "\n".join(sorted(set(found)))
