@@ -219,9 +219,11 @@ def target_lines(targets: Any) -> list[tuple[str, bool | None, str]]:
     why, or a ``{"name": None}`` entry) has `met` None: it was neither met nor missed,
     and its detail says "not measured (why)".
     """
+    unmeasured = "not measured ({})"
     if isinstance(targets, dict):  # {"name": bool, or None if not measured}
         return [
-            (str(name), None, "not measured") if met is None else (str(name), bool(met), "")
+            (str(name), None, unmeasured.format("no figure in this run"))
+            if met is None else (str(name), bool(met), "")
             for name, met in targets.items()
         ]
     lines: list[tuple[str, bool | None, str]] = []
@@ -229,7 +231,7 @@ def target_lines(targets: Any) -> list[tuple[str, bool | None, str]]:
         met: bool | None = bool(t.get("met"))
         if t.get("measured") is None:
             met = None
-            detail = f"not measured ({t.get('why') or 'no figure in this run'})"
+            detail = unmeasured.format(t.get("why") or "no figure in this run")
         else:
             detail = f"measured {t['measured']}"
         if t.get("target"):

@@ -81,5 +81,5 @@ def test_target_lines_give_none_for_unmeasured_in_both_result_styles() -> None:
     ]
     assert h.target_lines({"a": True, "b": None}) == [
         ("a", True, ""),
-        ("b", None, "not measured"),
+        ("b", None, "not measured (no figure in this run)"),
     ]
