@@ -8,7 +8,8 @@ A result dict that ``print_results`` understands has, besides any raw figures:
 
 * ``tables``: a list of ``{"title", "columns", "rows", "notes"}``;
 * ``ratios``: ``{"bridgecancel / anyio (noop, asyncio)": 1.04, ...}``;
-* ``targets``: a list of ``{"name", "target", "measured", "met"}``.
+* ``targets``: a list of ``{"name", "target", "measured", "met"}``; a target this run
+  could not measure has ``"measured": None`` and ``"why"`` (printed "not measured (why)").
 
 Standard library only, so that ``run.py`` can use it before anything else is imported.
 """
@@ -211,21 +212,43 @@ def _ratio(value: Any) -> str:
     return f"{value:.2f}x" if abs(value) >= 0.1 else f"{value:.2g}x"
 
 
-def target_lines(targets: Any) -> list[tuple[str, bool, str]]:
-    """(name, met, detail) for each target, from either result style in the suite."""
-    if isinstance(targets, dict):  # {"name": bool}
-        return [(str(name), bool(met), "") for name, met in targets.items()]
-    lines = []
+def target_lines(targets: Any) -> list[tuple[str, bool | None, str]]:
+    """(name, met, detail) for each target, from either result style in the suite.
+
+    A target this run has no figure for (``"measured": None``, with ``"why"`` saying
+    why, or a ``{"name": None}`` entry) has `met` None: it was neither met nor missed,
+    and its detail says "not measured (why)".
+    """
+    unmeasured = "not measured ({})"
+    if isinstance(targets, dict):  # {"name": bool, or None if not measured}
+        return [
+            (str(name), None, unmeasured.format("no figure in this run"))
+            if met is None else (str(name), bool(met), "")
+            for name, met in targets.items()
+        ]
+    lines: list[tuple[str, bool | None, str]] = []
     for t in targets or []:
-        detail = f"measured {t['measured']}" if t.get("measured") is not None else ""
+        met: bool | None = bool(t.get("met"))
+        if t.get("measured") is None:
+            met = None
+            detail = unmeasured.format(t.get("why") or "no figure in this run")
+        else:
+            detail = f"measured {t['measured']}"
         if t.get("target"):
-            detail = f"target {t['target']}, {detail}" if detail else f"target {t['target']}"
-        lines.append((str(t["name"]), bool(t["met"]), detail))
+            detail = f"target {t['target']}, {detail}"
+        lines.append((str(t["name"]), met, detail))
     return lines
 
 
+def format_target(name: str, met: bool | None, detail: str) -> str:
+    """One target's line: ``met``, ``NOT met`` or ``-`` (not measured), name, detail."""
+    status = "-      " if met is None else "met    " if met else "NOT met"
+    suffix = f"  ({detail})" if detail else ""
+    return f"  {status}  {name}{suffix}"
+
+
 def print_results(results: dict[str, Any]) -> None:
-    """Print tables, ratios and a met / NOT met line per target."""
+    """Print tables, ratios and a met / NOT met / not measured line per target."""
     for table in results.get("tables", []):
         print()
         print(format_table(table["title"], table["columns"], table["rows"]))
@@ -239,9 +262,8 @@ def print_results(results: dict[str, Any]) -> None:
     lines = target_lines(results.get("targets"))
     if lines:
         print("\ntargets:")
-        for name, met, detail in lines:
-            suffix = f"  ({detail})" if detail else ""
-            print(f"  {'met    ' if met else 'NOT met'}  {name}{suffix}")
+        for line in lines:
+            print(format_target(*line))
 
 
 def standalone_main(

@@ -479,6 +479,9 @@ def _summarise(
     if rps is None:
         tables.append({"title": "2. requests per second: NOT RUN", "columns": ["why"],
                        "rows": [[WRK_MISSING]], "notes": []})
+        for server in (f"{server}, {variant}" for server in SERVERS for variant in VARIANTS):
+            targets.append({"name": f"requests/s overhead ({server})", "target": "<= 5%",
+                            "measured": None, "met": None, "why": "wrk is not installed"})
     else:
         tables.append({
             "title": "2. requests per second, trivial endpoint (wrk -t1 "

@@ -6,7 +6,7 @@
 
 Runs the chosen areas (default: every ``bench_<area>.py`` present in this folder), in the
 quick mode (about a minute per area) unless ``--full`` is given, prints
-each area's tables, ratios and a met / NOT met line per target, and writes
+each area's tables, ratios and a met / NOT met / not measured (why) line per target, and writes
 ``benchmarks/results/<area>.json`` with the machine's details (git-ignored). ``--curate``
 also writes ``results/curated-<area>.json``, the small file the docs show: run it on a
 quiet machine in full mode. Needs only the project and its ``bench`` dependency group
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine.get('loadavg_1_5_15')}, Python {machine['python']}, "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v))
 
-    summary: list[tuple[str, str, bool, str]] = []
+    summary: list[tuple[str, str, bool | None, str]] = []
     failed: list[str] = []
     for area in areas:
         print(f"\n{'=' * 30} {area} ({mode}) {'=' * 30}")
@@ -168,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'=' * 30} targets {'=' * 30}")
     for area, name, met, detail in summary:
-        suffix = f"  ({detail})" if detail else ""
-        print(f"  {'met    ' if met else 'NOT met'}  {area}: {name}{suffix}")
+        print(h.format_target(f"{area}: {name}", met, detail))
     for area in failed:
         print(f"  FAILED   {area}: the benchmark raised (traceback above)")
-    not_met = sum(not met for _, _, met, _ in summary)
-    print(f"  {len(summary) - not_met} of {len(summary)} targets met"
+    not_met = sum(met is False for _, _, met, _ in summary)
+    unmeasured = sum(met is None for _, _, met, _ in summary)
+    measured = len(summary) - unmeasured
+    print(f"  {measured - not_met} of {measured} targets met"
+          + (f"; {unmeasured} not measured" if unmeasured else "")
           + (f"; {len(failed)} area(s) failed" if failed else ""))
     if failed:
         return 2

@@ -1,6 +1,8 @@
 """Cancel a task on a Dask cluster from a cancel scope: it is told, stops, frees its thread.
 
-    pip install "bridgecancel[dask,trio]"
+Needs Dask's ``distributed`` scheduler (the ``dask`` extra), and trio to run it on trio:
+
+    python -m pip install -e ".[dask,trio]"    # from the repository root
     python examples/dask_cancel.py [asyncio|trio]
 
 Starts a local cluster of two worker processes (one thread each, on 127.0.0.1). A task

@@ -1,5 +1,8 @@
 """Recipe: a web request whose client leaves stops its PostgreSQL query on the server.
 
+Needs psycopg 3, FastAPI and uvicorn, and a PostgreSQL server to connect to:
+
+    python -m pip install "psycopg[binary]" fastapi uvicorn
     BRIDGECANCEL_TEST_PG_DSN="host=127.0.0.1 port=<port> user=bridgecancel" \\
         python examples/recipe_postgres.py
 

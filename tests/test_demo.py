@@ -7,6 +7,7 @@ surface but the command line, which the other tests run.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from bridgecancel._demo import _cases
+from bridgecancel._demo import _cases, _main
 
 PY = sys.executable
 
@@ -44,6 +45,8 @@ ANCHORS = {
 }
 PROGRESS_NAMES = [*EXPECTED, "web disconnect", "cluster cancel"]
 PROMPT = 2.0  # generous bound, in seconds, for "stopped promptly" on a shared machine
+WIDTH = 100  # columns: the demo's output must read in a terminal that wide
+CELL_INDENT = len("  bridgecancel  ")  # where a wrapped value goes on
 
 
 def _seconds(text: str) -> float:
@@ -55,16 +58,34 @@ def _seconds(text: str) -> float:
 
 
 def _tables(stdout: str) -> dict[str, list[list[str]]]:
-    """The demo's table rows per backend, each split into its four columns."""
-    tables: dict[str, list[list[str]]] = {}
-    rows: list[list[str]] = []
+    """The demo's rows per backend, each as [case, settings, bridgecancel, anchor].
+
+    Each case is a block: its name, then a labelled line per column (``settings`` only
+    when there are some), a long value wrapped onto lines indented under its label.
+    """
+    tables: dict[str, list[dict[str, str]]] = {}
+    blocks: list[dict[str, str]] | None = None  # the table being read, if any
+    key = ""
     for line in stdout.splitlines():
         header = re.fullmatch(r"== (\w+) ==", line)
+        labelled = re.fullmatch(r"  (settings|bridgecancel|anchor) +(.*)", line)
         if header:
-            rows = tables.setdefault(header.group(1), [])
-        elif line and not line.startswith(("case ", "bridgecancel:", "anchor:")):
-            rows.append(re.split(r"\s{2,}", line))
-    return tables
+            blocks = tables.setdefault(header.group(1), [])
+        elif blocks is None:
+            continue
+        elif not line:
+            blocks = None  # a table ends at a blank line
+        elif labelled:
+            key = labelled.group(1)
+            blocks[-1][key] = labelled.group(2)
+        elif line.startswith(" " * CELL_INDENT):
+            blocks[-1][key] += " " + line.strip()
+        else:
+            blocks.append({"case": line, "settings": "-"})
+    return {
+        backend: [[b["case"], b["settings"], b["bridgecancel"], b["anchor"]] for b in blocks]
+        for backend, blocks in tables.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +153,53 @@ def test_the_demo_shows_progress_on_stderr(
     assert len(steps) == total
 
 
+@pytest.mark.slow
+def test_every_line_the_demo_prints_fits_100_columns(
+    demo: tuple[subprocess.CompletedProcess[str], float],
+) -> None:
+    result, _ = demo
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    wide = [line for line in lines if len(line) > WIDTH]
+    assert not wide, f"{len(wide)} lines wider than {WIDTH} columns: {wide[:3]}"
+
+
+# Rows as wide as the demo's widest (its web and Dask rows), and an error row.
+WIDE_ROWS = [
+    {
+        "case": "web: client leaves mid-request",
+        "backend": "asyncio",
+        "settings": "hypercorn (trio worker) on 127.0.0.1, handler work 1.5 s",
+        "bridgecancel": "CancelOnDisconnectMiddleware + run_sync: thread stopped 0.4 ms "
+        "after the client left; no thread left",
+        "anchor": "anyio.to_thread.run_sync, no middleware: thread ran on 1.50 s after the "
+        "client left, to the end of its work",
+    },
+    {
+        "case": "thread: token.sleep()",
+        "backend": "asyncio",
+        "settings": "-",
+        "bridgecancel": "cooperative: caller back in 1 ms, thread stopped",
+        "anchor": "asyncio.to_thread: caller back in 0 ms; thread ran on 499 ms",
+    },
+    {
+        "case": "cluster cancel",
+        "backend": "trio",
+        "settings": "-",
+        "bridgecancel": "error: OSError: " + " ".join(["a long message"] * 20),
+        "anchor": "-",
+    },
+]
+
+
+def test_the_table_fits_100_columns_and_keeps_every_cell() -> None:
+    out = io.StringIO()
+    _main._print_table(WIDE_ROWS, out)
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+    cells = [[r[key] for key in _cases.ROW_KEYS if key != "backend"] for r in WIDE_ROWS]
+    assert _tables(text) == {"asyncio": cells[:2], "trio": cells[2:]}
+
+
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_a_case_returns_the_contract_row(anyio_backend: str) -> None:
@@ -186,3 +254,21 @@ def test_help_goes_to_stdout_with_exit_status_0(flag: str) -> None:
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m bridgecancel {demo,bench}")
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_demo_help_says_what_the_demo_does_and_exits_0(flag: str) -> None:
+    result = subprocess.run(
+        [PY, "-m", "bridgecancel", "demo", flag], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m bridgecancel demo\n")
+    for what in ("asyncio and then trio", "run_sync", "run_process", "anchor", "Dask"):
+        assert what in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
+def test_help_fits_100_columns(argv: list[str]) -> None:
+    result = subprocess.run([PY, "-m", "bridgecancel", *argv], capture_output=True, text=True)
+    assert max(len(line) for line in result.stdout.splitlines()) <= WIDTH

@@ -46,10 +46,8 @@ _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
-_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
-
-
-_DEFAULT_MAX_BUFFERED: Final = 1024 * 1024
+# Named without an underscore: the middleware's signature in the docs shows it.
+ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 _WATCHER_NAME: Final = "bridgecancel.asgi watcher"
 
@@ -99,7 +97,8 @@ class CancelOnDisconnectMiddleware:
     ``lifespan`` and ``websocket`` scopes pass through untouched.
 
     Args:
-        app: the ASGI application to wrap.
+        app: the ASGI application to wrap (``ASGIApp``: an ``async`` callable taking
+            ``scope, receive, send``).
         timeout: seconds a request may run before its handler is cancelled. If no
             response has started by then, the client gets ``503 Service Unavailable``;
             if one has, the connection is closed (the response is cut short, never
@@ -115,10 +114,10 @@ class CancelOnDisconnectMiddleware:
 
     def __init__(
         self,
-        app: _ASGIApp,
+        app: ASGIApp,
         *,
         timeout: float | None = None,
-        max_buffered: int = _DEFAULT_MAX_BUFFERED,
+        max_buffered: int = 1024 * 1024,
     ) -> None:
         if not callable(app):
             raise TypeError(f"CancelOnDisconnectMiddleware wraps an ASGI app, got {app!r}")
@@ -420,12 +419,12 @@ def _body_size(message: _Message) -> int:
 # It works without the middleware, but then nothing cancels it when the client leaves:
 # the first call of each function outside the middleware logs a warning saying so.
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @overload
-def threaded(func: Callable[_P, _T], /) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
+def threaded(func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
 
 
 @overload
@@ -433,18 +432,18 @@ def threaded(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]: ...
+) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]: ...
 
 
 def threaded(
-    func: Callable[_P, _T] | None = None,
+    func: Callable[P, T] | None = None,
     /,
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
 ) -> (
-    Callable[_P, Coroutine[Any, Any, _T]]
-    | Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]
+    Callable[P, Coroutine[Any, Any, T]]
+    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]
 ):
     """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
 
@@ -481,11 +480,11 @@ def threaded(
 
 
 def _threaded(
-    func: Callable[_P, _T],
+    func: Callable[P, T],
     *,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[_P, Coroutine[Any, Any, _T]]:
+) -> Callable[P, Coroutine[Any, Any, T]]:
     if not callable(func):
         raise TypeError(f"@threaded decorates a function, got {func!r}")
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
@@ -502,7 +501,7 @@ def _threaded(
     unwarned: list[Callable[..., object]] = [func]
 
     @functools.wraps(func)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         if unwarned and not _under_middleware.get():
             _warn_unguarded(unwarned)
         if kwargs:  # frameworks pass parameters by name

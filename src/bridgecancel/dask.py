@@ -52,8 +52,8 @@ try:
     import distributed
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "bridgecancel.dask needs Dask's distributed scheduler: "
-        "pip install 'bridgecancel[dask]'"
+        "bridgecancel.dask needs Dask's distributed scheduler: pip install distributed "
+        "(or, from the root of a bridgecancel checkout, pip install -e '.[dask]')"
     ) from exc
 
 from . import _supervise as supervise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from typing import TextIO
+import textwrap
+from typing import Final, TextIO
 
 import anyio
 
@@ -58,16 +59,35 @@ def _run_case(case: Case, backend: str) -> tuple[dict[str, str], bool]:
     return row, True
 
 
+WIDTH: Final = 100
+"""The widest line the table prints: it stays readable in a 100-column terminal."""
+
+_LABEL: Final = max(len(key) for key in ROW_KEYS)
+
+
 def _print_table(rows: list[dict[str, str]], out: TextIO) -> None:
-    columns = [key for key in ROW_KEYS if key != "backend"]
-    widths = {key: max(len(key), *(len(row[key]) for row in rows)) for key in columns}
+    """Each backend's cases, one block per case: its name, then a line per column.
+
+    A case's cells are long sentences, too long to sit side by side in a terminal: each
+    is a labelled line of its own (``settings`` only when there are some), wrapped to
+    `WIDTH` columns under its label.
+    """
+    indent = " " * (2 + _LABEL + 2)
     for backend in dict.fromkeys(row["backend"] for row in rows):
         print(f"== {backend} ==", file=out)
-        print("  ".join(key.ljust(widths[key]) for key in columns).rstrip(), file=out)
         for row in rows:
-            if row["backend"] == backend:
-                cells = (row[key].ljust(widths[key]) for key in columns)
-                print("  ".join(cells).rstrip(), file=out)
+            if row["backend"] != backend:
+                continue
+            print(textwrap.fill(row["case"], WIDTH, subsequent_indent="    "), file=out)
+            for key in ROW_KEYS:
+                if key in ("case", "backend") or (key == "settings" and row[key] == "-"):
+                    continue
+                label = f"  {key.ljust(_LABEL)}  "
+                text = textwrap.fill(
+                    row[key], WIDTH, initial_indent=label, subsequent_indent=indent,
+                    break_on_hyphens=False,
+                )
+                print(text, file=out)
         print(file=out)
 
 
@@ -79,7 +99,10 @@ def main() -> int:
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")
     else:
-        print("trio is not installed (install the 'trio' extra): asyncio only", file=sys.stderr)
+        print(
+            "trio is not installed (pip install -e '.[trio]' from a checkout): asyncio only",
+            file=sys.stderr,
+        )
     progress = _Progress(len(CASES) * len(backends), sys.stderr)
     rows: list[dict[str, str]] = []
     ok = True
@@ -93,7 +116,7 @@ def main() -> int:
     _print_table(rows, sys.stdout)
     left = statistics()
     if left.threads.running or left.processes.running:
-        print(f"jobs still running after the demo: {left}")
+        print(textwrap.fill(f"jobs still running after the demo: {left}", WIDTH))
         return 1
     print(
         "bridgecancel: every job stopped when its scope was cancelled; none is left running.\n"

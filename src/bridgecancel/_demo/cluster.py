@@ -136,7 +136,7 @@ async def cluster_cancel(backend: str) -> dict[str, str]:
         "settings": f"LocalCluster 1 worker x 1 thread; task would wait {JOB_SECONDS:g} s",
     }
     if importlib.util.find_spec("distributed") is None:
-        install = "not run: install Dask's scheduler with pip install 'bridgecancel[dask]'"
+        install = "not run: distributed is not installed (pip install -e '.[dask]' from a checkout)"
         return {**row, "bridgecancel": install, "anchor": install}
     async with local_cluster() as client, await anyio.create_udp_socket(
         local_host="127.0.0.1"

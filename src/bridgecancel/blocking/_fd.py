@@ -38,11 +38,13 @@ _DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
 _CONNECTING: Final = {errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)}
 
 
-class _HasFileno(Protocol):
+class HasFileno(Protocol):
+    """An object with a file descriptor: a socket, a file, a pipe."""
+
     def fileno(self) -> int: ...
 
 
-def _fd_of(fd: int | _HasFileno, api: str) -> int:
+def _fd_of(fd: int | HasFileno, api: str) -> int:
     if isinstance(fd, int) and not isinstance(fd, bool):
         number = fd
     elif callable(getattr(fd, "fileno", None)):
@@ -83,7 +85,7 @@ def wait_fd(fd: int, events: int, token: CancelToken, deadline: float | None) ->
 
 
 def _wait_for(
-    fd: int | _HasFileno,
+    fd: int | HasFileno,
     events: int,
     timeout: float | None,
     token: CancelToken | None,
@@ -95,7 +97,7 @@ def _wait_for(
 
 
 def wait_readable(
-    fd: int | _HasFileno, timeout: float | None = None, *, token: CancelToken | None = None
+    fd: int | HasFileno, timeout: float | None = None, *, token: CancelToken | None = None
 ) -> bool:
     """Wait until `fd` (a descriptor, or an object with ``fileno()``) is readable.
 
@@ -109,7 +111,7 @@ def wait_readable(
 
 
 def wait_writable(
-    fd: int | _HasFileno, timeout: float | None = None, *, token: CancelToken | None = None
+    fd: int | HasFileno, timeout: float | None = None, *, token: CancelToken | None = None
 ) -> bool:
     """Wait until `fd` (a descriptor, or an object with ``fileno()``) is writable.
 

@@ -38,8 +38,7 @@ __all__ = (
     "wait_process",
 )
 
-_Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
-_Command = _Arg | Sequence[_Arg]
+StrOrBytesPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # typeshed's name
 
 
 def wait_process(
@@ -234,7 +233,7 @@ def _popen_kwargs(
 
 
 def run_subprocess(
-    args: _Command,
+    args: StrOrBytesPath | Sequence[StrOrBytesPath],
     *,
     input: bytes | str | None = None,
     capture_output: bool = False,

@@ -32,7 +32,9 @@ __all__ = (
 T = TypeVar("T")
 
 
-class _Lock(Protocol):
+class SupportsAcquire(Protocol):
+    """A lock or semaphore: `threading.Lock`, `RLock`, `Semaphore`, `BoundedSemaphore`."""
+
     def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
 
 
@@ -130,7 +132,9 @@ def wait_condition(
     return result
 
 
-def acquire(lock: _Lock, timeout: float | None = None, *, token: CancelToken | None = None) -> bool:
+def acquire(
+    lock: SupportsAcquire, timeout: float | None = None, *, token: CancelToken | None = None
+) -> bool:
     """``lock.acquire(timeout=timeout)``, raising `Cancelled` as soon as the token fires.
 
     For `threading.Lock`, `RLock`, `Semaphore` and `BoundedSemaphore` (and any object
