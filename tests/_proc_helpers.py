@@ -220,3 +220,27 @@ def _load_slowly(seconds: float) -> SlowToLoad:
 def mark_if_run(path: str, _slow: object) -> str:
     mark(path, "ran")
     return "ran"
+
+
+def fork_while_the_worker_lock_is_held() -> int:
+    """Fork while another thread holds the worker's own lock (the control listener's);
+    the child's exit status: 0 if it could take that lock, 1 if not (or by a signal)."""
+    from bridgecancel._process import _child
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _child._state.lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        os._exit(0 if _child._state.lock.acquire(timeout=5) else 1)
+    release.set()
+    thread.join()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

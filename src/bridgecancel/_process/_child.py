@@ -331,7 +331,7 @@ def _serve() -> None:
     _state.res_fd = res_fd
     for fd in fds:  # children the job starts must not hold our pipes open
         os.set_inheritable(fd, False)
-    os.register_at_fork(after_in_child=lambda: _close_all(fds))
+    os.register_at_fork(after_in_child=lambda: _after_fork_in_child(fds))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {INTERRUPT_SIGNAL})
     signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
 
@@ -361,7 +361,10 @@ def _serve() -> None:
             _state.busy = False
 
 
-def _close_all(fds: tuple[int, ...]) -> None:
+def _after_fork_in_child(fds: tuple[int, ...]) -> None:
+    """In a child the job forks: not a worker. Our pipes are not its; nor is our lock,
+    which the listener thread (gone in the child) may have held."""
+    _state.lock = threading.Lock()
     for fd in fds:
         try:
             os.close(fd)
