@@ -663,3 +663,60 @@ def test_function_in_interactive_main_names_the_fix(anyio_backend: str) -> None:
     assert result.stdout.startswith("PicklingError")
     assert "define it in a module" in result.stdout
     assert "pip install cloudpickle" in result.stdout
+
+
+# -- where a worker imports from (issue 15, item 4) ----------------------------------------
+
+# Standard-library names a worker imports after it starts (and a few more).
+HOSTILE = (
+    "__future__", "_heapq", "_pickle", "_queue", "_struct", "collections", "contextlib",
+    "contextvars", "copyreg", "enum", "functools", "heapq", "keyword", "linecache", "math",
+    "operator", "pickle", "queue", "re", "reprlib", "signal", "struct", "textwrap",
+    "threading", "token", "tokenize", "traceback", "types", "typing", "warnings", "weakref",
+)
+
+HOSTILE_MODULE = textwrap.dedent(
+    """
+    import os
+    open(os.path.join({markers!r}, __name__), "w").close()
+    raise ImportError("imported from the working directory: " + __name__)
+    """
+)
+
+APP_MAIN = textwrap.dedent(
+    """
+    import sys, anyio
+    import jobs  # from the script's own folder, which is on the parent's sys.path
+    from bridgecancel import run_process
+
+    async def main():
+        print(await run_process(jobs.add, 2, 3))
+
+    if __name__ == "__main__":
+        anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_worker_imports_nothing_from_the_working_directory(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """``python app/main.py`` run from a folder of modules named like the standard
+    library's: the parent does not have that folder on sys.path, so its worker must not
+    import from it either, from its first import on."""
+    folder, markers = tmp_path / "folder", tmp_path / "markers"
+    (folder / "app").mkdir(parents=True)
+    markers.mkdir()
+    for name in HOSTILE:
+        (folder / f"{name}.py").write_text(HOSTILE_MODULE.format(markers=str(markers)))
+    (folder / "app" / "main.py").write_text(APP_MAIN)
+    (folder / "app" / "jobs.py").write_text("def add(a, b):\n    return a + b\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
+    result = subprocess.run(
+        [sys.executable, os.path.join("app", "main.py"), anyio_backend],
+        capture_output=True, text=True, timeout=60, env=env, cwd=folder, check=False,
+    )
+    assert sorted(p.name for p in markers.iterdir()) == []  # before the fix: typing, first
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5"]

@@ -1,7 +1,8 @@
 """The worker process: runs jobs from the pool with a real cancel token.
 
 Standard library only, and never anyio: a worker must start fast. The pool launches
-``python -c "from bridgecancel._process._child import main; main()"``: a plain import, since the
+``python -c`` with `_wire.BOOT`, which sets the parent's ``sys.path`` and then runs
+``from bridgecancel._process._child import main; main()``: a plain import, since the
 package's ``__init__`` loads only the standard-library token names at once.
 
 Three threads of control matter here:
@@ -311,8 +312,7 @@ def _flush_stdio() -> None:
 
 
 def _apply_config(config: wire.Config) -> None:
-    _state.config = config
-    sys.path[:] = config["sys_path"]
+    _state.config = config  # sys.path is the parent's already: `_wire.BOOT` set it
 
 
 def main() -> NoReturn:
@@ -326,7 +326,7 @@ def main() -> NoReturn:
 
 
 def _serve() -> None:
-    job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
+    job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[1:4])
     fds = (job_fd, ctl_fd, res_fd)
     _state.res_fd = res_fd
     for fd in fds:  # children the job starts must not hold our pipes open

@@ -226,20 +226,15 @@ if hasattr(os, "register_at_fork"):
 
 # Seen from the parent: start it, talk to it, end it.
 #
-# A worker is ``python -c "from bridgecancel._process._child import main; main()"`` (a plain
-# import) started with `subprocess`, in its own process group, talking over three private
-# pipes (see `_wire`). A worker never outlives its parent: its control listener exits
-# when the control pipe closes. The `Pool` above keeps the idle ones.
+# A worker is ``python -c`` `_wire.BOOT`, which sets the parent's ``sys.path`` before any
+# import and then imports ``bridgecancel._process._child`` (a plain import: the package's
+# __init__ loads no anyio, its anyio-backed names are lazy, so the worker stays
+# standard-library only). It is started with `subprocess`, in its own process group, and
+# talks over three private pipes (see `_wire`). A worker never outlives its parent: its
+# control listener exits when the control pipe closes. The `Pool` above keeps the idle
+# ones.
 
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A plain import: the package's __init__ loads no anyio (its anyio-backed names are lazy),
-# so the worker stays standard-library only. The package's own directory goes first on the
-# path, so the worker runs the same bridgecancel as its parent.
-_BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from bridgecancel._process._child import main; main()"
-)
 
 
 class WorkerProcess:
@@ -263,14 +258,14 @@ class WorkerProcess:
 
     @classmethod
     def spawn(cls) -> WorkerProcess:
-        """Start a worker. It boots while the first job is already waiting in its pipe."""
+        """Start a worker. It boots while its path and its first job wait in its pipe."""
         fds: list[int] = []
         try:
             job_r, job_w = _pipe(fds)
             ctl_r, ctl_w = _pipe(fds)
             res_r, res_w = _pipe(fds)
             child_ends = (job_r, ctl_r, res_w)
-            args = [sys.executable, "-c", _BOOT, _SRC_DIR, *map(str, child_ends)]
+            args = [sys.executable, "-c", wire.BOOT, *map(str, child_ends)]
             if sys.version_info >= (3, 11):
                 proc = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, pass_fds=child_ends, process_group=0
@@ -289,7 +284,11 @@ class WorkerProcess:
         try:
             # Small, into an empty pipe: this does not block (a huge sys.path would only
             # wait for the worker to read it, which it does first thing).
-            wire.write_all(job_w, wire.job_message(wire.CONFIG_JOB_ID, math.inf, _config()))
+            wire.write_all(
+                job_w,
+                wire.boot_record(_boot_path())
+                + wire.job_message(wire.CONFIG_JOB_ID, math.inf, _config()),
+            )
         except BrokenPipeError:
             pass  # it died at start-up; the first job reports how
         for fd in (job_w, ctl_w, res_r):
@@ -465,8 +464,21 @@ def _pipe(fds: list[int]) -> tuple[int, int]:
     return r, w
 
 
+def _boot_path() -> list[str]:
+    """The worker's ``sys.path``: the parent's, from its first import on.
+
+    bridgecancel's own directory is added at the end if the parent's path lacks it
+    (the parent found bridgecancel some other way), so that the worker can import it
+    without anything there shadowing what the parent's path finds.
+    """
+    path = [entry for entry in sys.path if isinstance(entry, str)]
+    if _SRC_DIR not in path:
+        path.append(_SRC_DIR)
+    return path
+
+
 def _config() -> bytes:
-    """What a worker needs from the parent: its import path, and where __main__ lives."""
+    """What a worker needs from the parent beyond its path: where __main__ lives."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     main_name = getattr(spec, "name", None)
@@ -474,7 +486,6 @@ def _config() -> bytes:
         main_name = None
     main_path = getattr(main, "__file__", None)
     config = {
-        "sys_path": list(sys.path),
         "main_name": main_name,
         "main_path": os.path.abspath(main_path) if main_path else None,
     }

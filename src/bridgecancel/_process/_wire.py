@@ -2,8 +2,10 @@
 
 Three private pipes per worker, each written by one side and read by the other:
 
-- jobs (parent -> worker main thread): ``JOB_HEADER`` then a pickled ``(func, args)``.
-  The first message on it is the worker's configuration (job id 0).
+- jobs (parent -> worker main thread): first the boot record (`boot_record`: the
+  parent's ``sys.path``, read by `BOOT` before the worker imports anything), then
+  messages of ``JOB_HEADER`` and a pickled ``(func, args)``. The first message is the
+  worker's configuration (job id 0).
 - control (parent -> worker listener thread): fixed ``CONTROL_HEADER`` records that
   cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
   worker that its parent is gone.
@@ -16,6 +18,7 @@ Every message names its job, so a late control record never touches a later job.
 from __future__ import annotations
 
 import io
+import marshal
 import os
 import pickle
 import struct
@@ -53,7 +56,35 @@ it says why on its stderr first."""
 
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
-Config = dict[str, Any]  # sys_path, main_name, main_path (see _pool._config)
+Config = dict[str, Any]  # main_name, main_path (see _pool._config)
+
+BOOT: Final = """\
+import sys, marshal, posix  # built in: no file on any path can stand in for them
+def _take(n, fd=int(sys.argv[1])):
+    data = b""
+    while len(data) < n:
+        chunk = posix.read(fd, n - len(data))
+        if not chunk:
+            posix._exit(0)
+        data += chunk
+    return data
+sys.path[:] = marshal.loads(_take(int.from_bytes(_take(4), "big")))
+del _take
+from bridgecancel._process._child import main
+main()
+"""
+"""What a worker runs (``python -c BOOT <job> <control> <results>``).
+
+``python -c`` puts the working directory first on ``sys.path``. So the worker imports
+nothing before it has replaced the whole path with its parent's, read from the job pipe
+with built-in modules only: from its first import on, it imports only from there.
+"""
+
+
+def boot_record(path: list[str]) -> bytes:
+    """The first bytes on a worker's job pipe: the ``sys.path`` `BOOT` sets."""
+    data = marshal.dumps(path)
+    return len(data).to_bytes(4, "big") + data
 
 
 def dumps(obj: object) -> bytes:
