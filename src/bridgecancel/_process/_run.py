@@ -130,31 +130,32 @@ async def run_process(
     payload = pickle_job(func, args)
     if limiter is None:
         limiter = current_default_process_limiter()
-    await checkpoint_if_cancelled()
+    job = _ProcessJob(func, interrupt_after, kill_after, caller_deadline())
     try:
-        # A free token is taken without yielding to the event loop; waiting for the
-        # result is this call's schedule point.
-        limiter.acquire_nowait()
-        queued = False
-    except anyio.WouldBlock:
-        await limiter.acquire()
-        queued = True
-    try:
-        if queued:  # cancelled while it waited for the limiter: the job never starts
-            await checkpoint_if_cancelled()
-        return await _run_in_worker(func, payload, interrupt_after, kill_after)  # type: ignore[no-any-return]
+        await checkpoint_if_cancelled()
+        try:
+            # A free token is taken without yielding to the event loop; waiting for the
+            # result is this call's schedule point.
+            limiter.acquire_nowait()
+            queued = False
+        except anyio.WouldBlock:
+            await limiter.acquire()
+            queued = True
+        try:
+            if queued:  # cancelled while it waited for the limiter: the job never starts
+                await checkpoint_if_cancelled()
+            return await _run_in_worker(job, payload)  # type: ignore[no-any-return]
+        finally:
+            limiter.release()
     finally:
-        limiter.release()
+        if job.state is _QUEUED:  # the call ends, the job never began and is not counted
+            job.move(_DROPPED)
+            supervise.record(job)  # never_started, as a thread job would be
 
 
-async def _run_in_worker(
-    func: Callable[..., object],
-    payload: bytes,
-    interrupt_after: float | None,
-    kill_after: float | None,
-) -> Any:
-    worker = await pool.take()
-    job = _ProcessJob(worker, func, interrupt_after, kill_after, caller_deadline())
+async def _run_in_worker(job: _ProcessJob, payload: bytes) -> Any:
+    job.assign(await pool.take())
+    worker = job.worker
     try:
         try:
             message = wire.job_message(job.job_id, job.deadline, payload)
@@ -178,23 +179,32 @@ class _ProcessJob(Job):
 
     kind: ClassVar[JobKind] = "processes"
 
-    __slots__ = ("_exiting", "interrupted", "job_id", "message", "returncode", "worker")
+    __slots__ = ("_exiting", "_worker", "interrupted", "job_id", "message", "returncode")
 
     def __init__(
         self,
-        worker: WorkerProcess,
         func: Callable[..., object],
         interrupt_after: float | None,
         kill_after: float | None,
         deadline: float,
     ) -> None:
         super().__init__(func, deadline, interrupt_after, kill_after)
-        self.worker = worker
-        self.job_id = worker.next_job_id()
+        self._worker: WorkerProcess | None = None
+        self.job_id = 0
         self.message: tuple[int, bytes] | None = None  # the final (tag, payload)
         self.returncode: int | None = None  # set if the worker died during the job
         self.interrupted = False
         self._exiting = False  # the worker's result pipe closed: it is exiting
+
+    @property
+    def worker(self) -> WorkerProcess:
+        assert self._worker is not None, "the job has no worker yet"
+        return self._worker
+
+    def assign(self, worker: WorkerProcess) -> None:
+        """Give the job to `worker`."""
+        self._worker = worker
+        self.job_id = worker.next_job_id()
 
     def _ended_as(self) -> JobState:
         return _FINISHED if self.began else _DROPPED
@@ -232,12 +242,14 @@ class _ProcessJob(Job):
         self.worker.kill()
 
     def outcome(self) -> Outcome:
-        if self.worker.killed:
+        if self._worker is not None and self._worker.killed:
             return "killed"
+        if not self.began:
+            # The caller gets BrokenWorkerError only when it was not cancelled.
+            crashed = self.returncode is not None and self.reason is None
+            return "crashed" if crashed else "never_started"
         if self.returncode is not None:
             return "crashed"
-        if not self.began:
-            return "never_started"
         if self.interrupted:
             return "interrupted"
         if self.reason is not None or self.stopped_by_cancel:
@@ -248,7 +260,7 @@ class _ProcessJob(Job):
     def stopped_by_cancel(self) -> bool:
         if self.message is not None:  # it answered, maybe just before the kill landed
             return self.message[0] == wire.CANCELLED
-        return self.worker.killed
+        return self._worker is not None and self._worker.killed
 
     def return_worker(self) -> None:
         """Hand the worker back, on, or away, once the call is over."""
@@ -281,6 +293,7 @@ class _ProcessJob(Job):
         raise pickle.PicklingError(body.decode("utf-8", "replace"))
 
 
+_QUEUED: Final = JobState.QUEUED
 _RUNNING: Final = JobState.RUNNING
 _FINISHED: Final = JobState.FINISHED
 _DROPPED: Final = JobState.DROPPED
