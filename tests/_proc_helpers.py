@@ -222,6 +222,25 @@ def mark_if_run(path: str, _slow: object) -> str:
     return "ran"
 
 
+class LoadsWhen:
+    """An argument that cannot be loaded until `gate` exists, as a job whose module takes
+    its time to import: the worker marks `loading` with its pid, then waits on the file."""
+
+    def __init__(self, loading: str, gate: str) -> None:
+        self.loading = loading
+        self.gate = gate
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (_load_when, (self.loading, self.gate))
+
+
+def _load_when(loading: str, gate: str) -> LoadsWhen:
+    mark(loading, str(os.getpid()))
+    while not os.path.exists(gate):
+        time.sleep(0.002)
+    return LoadsWhen(loading, gate)
+
+
 def fork_while_the_worker_lock_is_held() -> int:
     """Fork while another thread holds the worker's own lock (the control listener's);
     the child's exit status: 0 if it could take that lock, 1 if not (or by a signal)."""

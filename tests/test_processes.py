@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import pickle
@@ -290,6 +291,122 @@ async def test_limiter_bounds_jobs_and_queued_jobs_never_start(tmp_path: Path) -
             scope.cancel()
     assert sum(m.exists() for m in markers) == 2  # the queued two never started
     assert delta(before) == {"cooperative": 2, "never_started": 2}
+
+
+# -- a job cancelled before it began: the caller is free at once (issue 15, item 2) --------
+
+FREE_AT_ONCE = 0.5  # seconds: generous for "at once" (benchmarks measure the milliseconds)
+GATE_TIMEOUT = 5.0  # seconds after which a test opens its gate anyway, so it always ends
+
+
+async def _open_after(gate: Path, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    h.mark(str(gate))
+
+
+async def test_a_job_cancelled_while_its_worker_loads_it_frees_the_caller_at_once(
+    tmp_path: Path,
+) -> None:
+    """The worker is still loading the job (importing its module) when the caller is
+    cancelled: the caller leaves at once; the job never runs; the worker, once it has
+    loaded the job, answers the pool and is idle again."""
+    loading, gate, ran = tmp_path / "loading", tmp_path / "gate", tmp_path / "ran"
+    before = stats()
+    times: list[float] = []
+    async with anyio.create_task_group() as safety:
+        safety.start_soon(_open_after, gate, GATE_TIMEOUT)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_started, scope, loading, times)
+                await run_process(h.mark_if_run, str(ran), h.LoadsWhen(str(loading), str(gate)))
+        freed = time.monotonic() - times[0]
+        h.mark(str(gate))  # the worker may finish loading now
+        safety.cancel_scope.cancel()
+    assert scope.cancelled_caught
+    # Before the fix the caller waited for the load: until the gate opened, 5 s.
+    assert freed < FREE_AT_ONCE
+    worker = int(loading.read_text())
+    with anyio.fail_after(30):
+        while worker not in idle_worker_pids():  # it joins the pool once it has answered
+            await anyio.sleep(0.005)
+    assert not ran.exists()
+    assert delta(before) == {"never_started": 1}
+    assert stats().running == before.running
+
+
+# A worker's start made slow on purpose: its interpreter's site hook (worker processes
+# are the ones started with -c) waits for a gate file before the worker imports anything.
+SLOW_START_SITE = textwrap.dedent(
+    """
+    import os, sys, time
+    if "-c" in sys.orig_argv:
+        while not os.path.exists(os.environ["TEST_WORKER_GATE"]):
+            time.sleep(0.002)
+    """
+)
+
+COLD_CANCEL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading, time, anyio
+    import _proc_helpers as h
+    import bridgecancel
+    from bridgecancel import run_process
+    from bridgecancel.testing import idle_worker_pids
+
+    marker, gate, backend = sys.argv[1], os.environ["TEST_WORKER_GATE"], sys.argv[2]
+    # For code that waits for its worker: the gate opens anyway after a while.
+    safety = threading.Timer(float(sys.argv[3]), h.mark, (gate,))
+    safety.start()
+
+    async def main():
+        with anyio.move_on_after(0.005) as scope:  # cancelled 5 ms in: still spawning
+            deadline = scope.deadline
+            await run_process(h.mark, marker)
+        freed = anyio.current_time() - deadline
+        h.mark(gate)  # the worker may finish starting now
+        with anyio.fail_after(30):
+            while not idle_worker_pids():  # it joins the pool
+                await anyio.sleep(0.005)
+        print(json.dumps({
+            "cancelled": scope.cancelled_caught,
+            "freed": freed,
+            "ran": os.path.exists(marker),
+            "idle": len(idle_worker_pids()),
+            "never_started": bridgecancel.statistics().processes.never_started,
+        }))
+
+    anyio.run(main, backend=backend)
+    safety.cancel()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_while_its_worker_starts_frees_the_caller_at_once(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A cold call, cancelled 5 ms in while its worker still starts: the caller leaves
+    at once; the job never runs; the worker finishes starting and joins the pool."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_START_SITE)
+    script = tmp_path / "parent.py"  # a file: only the workers are started with -c
+    script.write_text(COLD_CANCEL_SCRIPT)
+    marker, gate = tmp_path / "ran", tmp_path / "gate"
+    path = [str(site), str(TESTS_DIR), *(entry for entry in sys.path if entry)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TEST_WORKER_GATE": str(gate)}
+    result = subprocess.run(
+        [sys.executable, str(script), str(marker), anyio_backend, str(GATE_TIMEOUT)],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cancelled"]
+    # Before the fix the caller waited for the worker to start, then for its job.
+    assert report["freed"] < FREE_AT_ONCE
+    assert not report["ran"]
+    assert report["idle"] == 1
+    assert report["never_started"] == 1
 
 
 # -- the caller's deadline ----------------------------------------------------------------

@@ -89,9 +89,10 @@ async def run_process(
     replaced. Pass None to skip a stage; with both None the call waits for the worker
     however long it takes. The call returns only once the job has ended.
 
-    A job cancelled before its function began never starts, and its worker (even one
-    still starting) is reused. A worker that stopped because of the cancel becomes the
-    caller's own cancellation.
+    A job cancelled before its function began never starts, and the caller is free at
+    once, whatever its worker is doing (starting, or importing the job's module): the
+    worker finishes that for the pool and is reused. A worker that stopped because of
+    the cancel becomes the caller's own cancellation.
     A worker that returns anyway has its result returned (the cancellation is delivered
     at the next checkpoint); an error it raises arrives as a copy of the same type,
     whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
@@ -155,19 +156,14 @@ async def run_process(
 
 async def _run_in_worker(job: _ProcessJob, payload: bytes) -> Any:
     job.assign(await pool.take())
-    worker = job.worker
     try:
-        try:
-            message = wire.job_message(job.job_id, job.deadline, payload)
-            rest = worker.send_nowait(message)
-            if rest:  # a large job: finish sending it even if cancelled meanwhile
-                with anyio.CancelScope(shield=True):
-                    await worker.send_rest(rest)
-        except BrokenPipeError:
-            pass  # the worker died; job.wait() sees it exit
+        await job.send(payload)
         try:
             await job.wait()
         except anyio.get_cancelled_exc_class() as exc:
+            # A job whose function has not begun never will: the caller does not wait
+            # for its worker to finish starting or loading it.
+            job.withdraw()
             return await supervise.deliver_cancelled(job, exc)
         return await supervise.deliver(job)
     finally:
@@ -175,11 +171,19 @@ async def _run_in_worker(job: _ProcessJob, payload: bytes) -> Any:
 
 
 class _ProcessJob(Job):
-    """One job in one worker process: the `_supervise.Job` of a process."""
+    """One job in a worker process: the `_supervise.Job` of a process."""
 
     kind: ClassVar[JobKind] = "processes"
 
-    __slots__ = ("_exiting", "_worker", "interrupted", "job_id", "message", "returncode")
+    __slots__ = (
+        "_exiting",
+        "_worker",
+        "interrupted",
+        "job_id",
+        "message",
+        "returncode",
+        "withdrawn",
+    )
 
     def __init__(
         self,
@@ -194,6 +198,7 @@ class _ProcessJob(Job):
         self.message: tuple[int, bytes] | None = None  # the final (tag, payload)
         self.returncode: int | None = None  # set if the worker died during the job
         self.interrupted = False
+        self.withdrawn = False  # taken back before the worker claimed it: it never starts
         self._exiting = False  # the worker's result pipe closed: it is exiting
 
     @property
@@ -205,6 +210,29 @@ class _ProcessJob(Job):
         """Give the job to `worker`."""
         self._worker = worker
         self.job_id = worker.next_job_id()
+
+    async def send(self, payload: bytes) -> None:
+        """Send the job, with its claim before it (see `_wire`)."""
+        worker = self.worker
+        message = wire.job_message(self.job_id, self.deadline, payload)
+        worker.post_claim()
+        try:
+            rest = worker.send_nowait(message)
+            if rest:  # a large job: finish sending it even if cancelled meanwhile
+                with anyio.CancelScope(shield=True):
+                    await worker.send_rest(rest)  # to a worker that has booted: it reads
+        except BrokenPipeError:
+            pass  # the worker died; wait() sees it exit
+
+    def withdraw(self) -> None:
+        """The caller was cancelled: a job the worker has not claimed never starts.
+
+        The job then ends at once, without its worker: the worker may still be loading
+        it (importing its module), and tells the pool, not the caller, when it is done.
+        """
+        if self.state is _QUEUED and self.worker.withdraw():
+            self.withdrawn = True
+            self.move(_DROPPED)
 
     def _ended_as(self) -> JobState:
         return _FINISHED if self.began else _DROPPED
@@ -232,7 +260,8 @@ class _ProcessJob(Job):
 
     def _cancel(self, reason: str) -> None:
         # A write to a pipe: no user code runs here (on_cancel runs in the worker).
-        self.worker.control(wire.CANCEL, self.job_id, reason)
+        if not self.withdrawn:  # a withdrawn job needs no cancel: it never starts
+            self.worker.control(wire.CANCEL, self.job_id, reason)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -263,14 +292,20 @@ class _ProcessJob(Job):
         return self._worker is not None and self._worker.killed
 
     def return_worker(self) -> None:
-        """Hand the worker back, on, or away, once the call is over."""
+        """Hand the worker back, on, or away, once the call is done with it."""
         worker = self.worker
-        if not self.ended:  # the caller left before the job ended (the coroutine closed)
+        if self.returncode is not None:
+            pool.discard(worker)  # reaped already
+        elif self.withdrawn:
+            pool.settle(worker, self.job_id)  # it answers the pool when it has loaded it
+        elif not self.ended:  # the caller left before the job ended (the coroutine closed)
+            if not self.began and worker.withdraw():
+                # It never starts; run_process counts it never_started.
+                pool.settle(worker, self.job_id)
+                return
             pool.retire(worker, kill=True)
             self.move(self._ended_as())
             supervise.counters.count("processes", "killed")
-        elif self.returncode is not None:
-            pool.discard(worker)  # reaped already
         elif self.interrupted or worker.killed:
             pool.retire(worker, kill=worker.killed)  # an interrupt may leave it unwell
         else:

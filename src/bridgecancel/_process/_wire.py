@@ -1,6 +1,6 @@
 """The wire format between the pool and its worker processes (standard library only).
 
-Three private pipes per worker, each written by one side and read by the other:
+Four private pipes per worker, each written by one side and read by the other:
 
 - jobs (parent -> worker main thread): first the boot record (`boot_record`: the
   parent's ``sys.path``, read by `BOOT` before the worker imports anything), then
@@ -10,7 +10,13 @@ Three private pipes per worker, each written by one side and read by the other:
   cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
   worker that its parent is gone.
 - results (worker -> parent): ``RESULT_HEADER`` then a payload whose meaning depends on
-  the tag byte: ``STARTED`` once the job's function begins, then one result.
+  the tag byte: ``READY`` once, when the worker has started; then per job ``STARTED``
+  once the job's function begins, then one result.
+- claims (parent -> worker, read by both): one byte per job, written before the job.
+  Whoever reads it first decides: the worker, just before the job's function begins
+  (it starts), or the parent, for a caller cancelled before that (it never will). A
+  pipe read is atomic, so exactly one side gets the byte, and neither waits for the
+  other.
 
 Every message names its job, so a late control record never touches a later job.
 """
@@ -41,11 +47,15 @@ RAISED: Final = 1  # payload: pickled (exception, remote traceback text)
 CANCELLED: Final = 2  # payload: the token's reason, UTF-8 (empty for None)
 LOAD_FAILED: Final = 3  # payload: UTF-8 message; the job could not be unpickled
 SEND_FAILED: Final = 4  # payload: UTF-8 message; the result or error could not be pickled
+RESULT_TAGS: Final = frozenset((RETURNED, RAISED, CANCELLED, LOAD_FAILED, SEND_FAILED))
 # Not a result: sent once per job, just before its function is called (empty payload).
 # A job cancelled before it began gets CANCELLED without STARTED. The parent counts
 # escalation timers from it, so a worker still starting or loading a job is never
 # interrupted or killed for it.
 STARTED: Final = 5
+# Not a result: sent once by a worker that has started (job id CONFIG_JOB_ID), before it
+# reads its first job (empty payload).
+READY: Final = 6
 
 # A cancel reason longer than this is cut, so a control record fits in one atomic write.
 MAX_REASON: Final = 1024
@@ -73,7 +83,7 @@ del _take
 from bridgecancel._process._child import main
 main()
 """
-"""What a worker runs (``python -c BOOT <job> <control> <results>``).
+"""What a worker runs (``python -c BOOT <job> <control> <results> <claims>``).
 
 ``python -c`` puts the working directory first on ``sys.path``. So the worker imports
 nothing before it has replaced the whole path with its parent's, read from the job pipe
