@@ -241,6 +241,37 @@ def _load_when(loading: str, gate: str) -> LoadsWhen:
     return LoadsWhen(loading, gate)
 
 
+class ExitsWhileLoading:
+    """An argument whose loading ends the worker: it notes the worker's pid in `log`
+    (one line per worker that tried), then exits with status 3."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_exit_while_loading, (self.log,))
+
+
+def _exit_while_loading(log: str) -> None:
+    note_and_exit(log)
+
+
+def note_and_exit(log: str) -> None:
+    """Note this worker's pid in `log`, then exit with status 3 (from the job itself)."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os._exit(3)
+
+
+def close_job_pipe() -> int:
+    """Break this worker and return normally: close the pipe it reads its jobs from.
+
+    The job pipe is the first descriptor among the worker's arguments.
+    """
+    os.close(next(int(arg) for arg in sys.argv[1:] if arg.isdigit()))
+    return os.getpid()
+
+
 def fork_while_the_worker_lock_is_held() -> int:
     """Fork while another thread holds the worker's own lock (the control listener's);
     the child's exit status: 0 if it could take that lock, 1 if not (or by a signal)."""

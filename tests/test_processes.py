@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -527,6 +527,41 @@ async def test_worker_dead_while_idle_is_replaced() -> None:
         while os.waitid(os.P_PID, worker, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             await anyio.sleep(0.005)
     assert await run_process(h.pid) != worker
+
+
+@pytest.mark.slow
+async def test_a_job_that_breaks_its_worker_leaves_the_next_call_alone() -> None:
+    """A job that breaks its worker (closes the pipe it reads jobs from) returns; the
+    worker dies before the next job begins; that next call must not see it (issue 15,
+    item 6: before the fix most of them got BrokenWorkerError, exit code 70)."""
+    before = stats()
+    for _ in range(8):
+        broken = await run_process(h.close_job_pipe)
+        assert await run_process(h.pid) != broken
+    assert delta(before) == {"completed": 16}
+
+
+@pytest.mark.parametrize("began", [False, True], ids=["while-loading", "after-it-began"])
+async def test_a_dead_worker_is_replaced_for_a_job_that_had_not_begun_once(
+    tmp_path: Path, began: bool
+) -> None:
+    """A worker that dies before the job's function began is replaced and the job sent
+    to another worker, once; one that dies after it began fails the call at once."""
+    log = tmp_path / "attempts"
+    before = stats()
+    call: Coroutine[Any, Any, object]
+    if began:
+        call = run_process(h.note_and_exit, str(log))
+    else:
+        call = run_process(h.mark_if_run, str(tmp_path / "ran"), h.ExitsWhileLoading(str(log)))
+    with pytest.raises(BrokenWorkerError, match="exited with code 3") as info:
+        await call
+    assert info.value.exitcode == 3
+    workers = log.read_text().split()
+    assert len(workers) == (1 if began else 2)  # before the fix: 1 either way
+    assert len(set(workers)) == len(workers)
+    assert delta(before) == {"crashed": 1}
+    assert await run_process(h.add, 1, 1) == 2
 
 
 def _make_closure() -> Callable[[], int]:

@@ -96,7 +96,8 @@ async def run_process(
     A worker that returns anyway has its result returned (the cancellation is delivered
     at the next checkpoint); an error it raises arrives as a copy of the same type,
     whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
-    limiter never starts.
+    limiter never starts. A worker found dead before the job began (an earlier job
+    broke it) is replaced and the job sent to another one, once, unseen.
 
     Args:
         func: a sync callable that pickle can send (a module-level function; lambdas
@@ -109,7 +110,8 @@ async def run_process(
             None) to the kill, or None.
 
     Raises:
-        BrokenWorkerError: the worker exited or died by a signal while running the job.
+        BrokenWorkerError: the worker exited or died by a signal while running the job
+            (or a second worker did so before the job began).
         pickle.PicklingError: the function, an argument, the result or the error could
             not be pickled.
         pickle.UnpicklingError: the worker could not load the job, or the parent could
@@ -155,19 +157,24 @@ async def run_process(
 
 
 async def _run_in_worker(job: _ProcessJob, payload: bytes) -> Any:
-    job.assign(await pool.take())
-    try:
-        await job.send(payload)
+    """Run `job` in a pooled worker, and in a second one if the first is found dead
+    before the job began (it never began: sending it elsewhere changes nothing)."""
+    while True:
+        job.assign(await pool.take())
         try:
-            await job.wait()
-        except anyio.get_cancelled_exc_class() as exc:
-            # A job whose function has not begun never will: the caller does not wait
-            # for its worker to finish starting or loading it.
-            job.withdraw()
-            return await supervise.deliver_cancelled(job, exc)
-        return await supervise.deliver(job)
-    finally:
-        job.return_worker()
+            await job.send(payload)
+            try:
+                await job.wait()
+            except anyio.get_cancelled_exc_class() as exc:
+                # A job whose function has not begun never will: the caller does not
+                # wait for its worker to finish starting or loading it.
+                job.withdraw()
+                return await supervise.deliver_cancelled(job, exc)
+            if job.state is _QUEUED:  # its worker died before the job began
+                continue
+            return await supervise.deliver(job)
+        finally:
+            job.return_worker()
 
 
 class _ProcessJob(Job):
@@ -177,6 +184,7 @@ class _ProcessJob(Job):
 
     __slots__ = (
         "_exiting",
+        "_retry",
         "_worker",
         "interrupted",
         "job_id",
@@ -194,6 +202,7 @@ class _ProcessJob(Job):
     ) -> None:
         super().__init__(func, deadline, interrupt_after, kill_after)
         self._worker: WorkerProcess | None = None
+        self._retry = True  # a worker found dead before the job began is replaced, once
         self.job_id = 0
         self.message: tuple[int, bytes] | None = None  # the final (tag, payload)
         self.returncode: int | None = None  # set if the worker died during the job
@@ -207,9 +216,14 @@ class _ProcessJob(Job):
         return self._worker
 
     def assign(self, worker: WorkerProcess) -> None:
-        """Give the job to `worker`."""
+        """Give the job to `worker` (again, to a new one, if the last one died first)."""
+        if self._worker is not None:
+            self._retry = False
         self._worker = worker
         self.job_id = worker.next_job_id()
+        self.message = None
+        self.returncode = None
+        self._exiting = False
 
     async def send(self, payload: bytes) -> None:
         """Send the job, with its claim before it (see `_wire`)."""
@@ -221,8 +235,9 @@ class _ProcessJob(Job):
             if rest:  # a large job: finish sending it even if cancelled meanwhile
                 with anyio.CancelScope(shield=True):
                     await worker.send_rest(rest)  # to a worker that has booted: it reads
-        except BrokenPipeError:
-            pass  # the worker died; wait() sees it exit
+        except BrokenPipeError:  # the worker is gone; wait() reaps it
+            self._exiting = True
+            worker.kill_group()  # and what its jobs left
 
     def withdraw(self) -> None:
         """The caller was cancelled: a job the worker has not claimed never starts.
@@ -244,6 +259,8 @@ class _ProcessJob(Job):
                 return
             if self._exiting:
                 self.returncode = await worker.wait_exit()
+                if not self.began and self._retry and self.reason is None:
+                    return  # QUEUED still: the caller sends it to another worker
                 self.move(self._ended_as())
                 continue
             received = await worker.receive()
