@@ -11,6 +11,11 @@
 3. Forced path: a worker that ignores its token and swallows the interrupt; cancel to
    caller free, minus the configured escalation times. Target: <= 5 ms.
 4. Cold start: the first call in a fresh interpreter (the library already imported).
+5. Cancel before the job began: seconds from ``scope.cancel()`` to the caller being
+   free (p50, p99) for a call cancelled 5 ms in, (a) on a cold start, in a fresh
+   interpreter, while the worker is still starting, and (b) on a warm worker still
+   importing the job's module (an import that takes 200 ms). Target: p50 <= 5 ms. The
+   anchors, in the modes that stop on cancel, kill their worker.
 
 Everything runs under trio (trio-parallel needs it); the no-op case is repeated on
 asyncio for bridgecancel and anyio. Results go to ``benchmarks/results/processes.json``.
@@ -21,6 +26,7 @@ library, so no library pays for heavy imports in its workers.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -70,6 +76,25 @@ def ignore_everything(path: str) -> None:
                 time.sleep(0.01)
         except BaseException:
             pass
+
+
+def noop_with(_loaded: object) -> None:
+    """A job whose argument takes its time to load: see `SlowImport`."""
+
+
+class SlowImport:
+    """An argument that imports a module when the worker loads it, as a job's own module
+    would be imported: the modules of `_slow_modules` take `SLOW_IMPORT` seconds."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (importlib.import_module, (self.module,))
+
+
+SLOW_IMPORT = 0.2  # seconds a slow module takes to import
+CANCEL_AFTER = 0.005  # seconds from the call to the cancel, before the job can begin
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -192,7 +217,62 @@ async def _bench_trio(quick: bool) -> dict[str, Any]:
                 "overhead_beyond_escalation": _summary(freed),
                 "next_call_respawn": _summary(nexts),
             }
+    out["cancel_while_importing"] = await _cancel_while_importing(
+        {name: stops for name, (_, stops) in callers.items()}, 15 if quick else 60
+    )
     return out
+
+
+async def _cancel_early(call: Call, *args: Any) -> float:
+    """Call, cancel `CANCEL_AFTER` seconds in; seconds from the cancel to the caller free."""
+    import anyio
+
+    cancelled: list[float] = []
+
+    async def cancel_soon(scope: anyio.CancelScope) -> None:
+        await anyio.sleep(CANCEL_AFTER)
+        cancelled.append(time.perf_counter())
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancel_soon, scope)
+            await call(*args)
+    if not cancelled:
+        raise RuntimeError("the call ended before it could be cancelled")
+    return time.perf_counter() - cancelled[0]
+
+
+async def _cancel_while_importing(callers: dict[str, Call], n: int) -> dict[str, Any]:
+    """Cancel a call while a warm worker imports the job's (slow) module."""
+    module = _worker_module()
+    samples: dict[str, list[float]] = {name: [] for name in callers}
+    for i in range(n):
+        for name in h.round_order(list(callers), i):
+            call = callers[name]
+            await call(int)  # a warm worker: the cancel lands in the import, not a start
+            slow = module.SlowImport(_slow_module(f"{name.replace('.', '_')}_{i}"))
+            samples[name].append(await _cancel_early(call, module.noop_with, slow))
+    return {name: _summary(s) for name, s in samples.items()}
+
+
+_slow_dir: list[str] = []  # the folder of the slow modules, once made (in the parent)
+
+
+def _slow_module(suffix: str) -> str:
+    """A new module, on every worker's path, whose import takes `SLOW_IMPORT` seconds."""
+    name = f"bench_slow_import_{suffix}"
+    Path(_slow_dir[0], f"{name}.py").write_text(f"import time\ntime.sleep({SLOW_IMPORT})\n")
+    return name
+
+
+def _put_slow_modules_on_path() -> None:
+    """Before any worker starts: workers copy the path (or the environment) at start."""
+    if not _slow_dir:
+        _slow_dir.append(tempfile.mkdtemp(prefix="bench-slow-import-"))
+        sys.path.append(_slow_dir[0])
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, _slow_dir[0]])
 
 
 async def _bench_asyncio(quick: bool) -> dict[str, Any]:
@@ -223,6 +303,55 @@ async def main():
 
 anyio.run(main, backend="trio")
 """
+
+
+CANCEL_COLD_SCRIPT = """
+import sys, time
+lib, cancel_after = sys.argv[1], float(sys.argv[2])
+import anyio, trio
+if lib == "bridgecancel":
+    from bridgecancel import run_process as call
+elif lib == "trio_parallel":
+    import trio_parallel
+    def call(f, *a):
+        return trio_parallel.run_sync(f, *a, kill_on_cancel=True)
+else:
+    import anyio.to_process
+    def call(f, *a):
+        return anyio.to_process.run_sync(f, *a, cancellable=True)
+
+async def main():
+    cancelled = []
+
+    async def cancel_soon(scope):
+        await anyio.sleep(cancel_after)
+        cancelled.append(time.perf_counter())
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancel_soon, scope)
+            await call(time.sleep, 1.0)
+    print(time.perf_counter() - cancelled[0])
+
+anyio.run(main, backend="trio")
+"""
+
+
+def _cancel_cold(quick: bool) -> dict[str, Any]:
+    """A first call in a fresh interpreter, cancelled while its worker starts."""
+    names = ["bridgecancel", "trio_parallel", "anyio.to_process"]
+    if h.optional_anchor("trio_parallel", "pip install trio-parallel") is None:
+        names.remove("trio_parallel")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(8 if quick else 30):
+        for name in h.round_order(names, i):
+            result = subprocess.run(
+                [sys.executable, "-c", CANCEL_COLD_SCRIPT, name, str(CANCEL_AFTER)],
+                capture_output=True, text=True, check=True, timeout=120,
+            )
+            samples[name].append(float(result.stdout.split()[0]))
+    return {name: _summary(s) for name, s in samples.items()}
 
 
 def _cold_start(quick: bool) -> dict[str, Any]:
@@ -264,9 +393,12 @@ def run(quick: bool) -> dict[str, Any]:
     """Run every benchmark; return (and save) the figures and ratios to the anchors."""
     import anyio
 
+    _put_slow_modules_on_path()
     trio_results = anyio.run(_bench_trio, quick, backend="trio")
     asyncio_results = anyio.run(_bench_asyncio, quick, backend="asyncio")
     cold = _cold_start(quick)
+    cancel_cold = _cancel_cold(quick)
+    cancel_importing = trio_results["cancel_while_importing"]
 
     noop = trio_results["noop"]
     best_anchor = min(v["p50_ms"] for k, v in noop.items() if k != "bridgecancel")
@@ -287,6 +419,10 @@ def run(quick: bool) -> dict[str, Any]:
         "cooperative_cancel_trio": coop,
         "forced_trio": trio_results["forced"],
         "cold_start_trio": cold,
+        "cancel_before_start_trio": {
+            "cold_start": cancel_cold,
+            "while_importing": cancel_importing,
+        },
         "ratios": {
             "noop_vs_best_anchor": noop["bridgecancel"]["p50_ms"] / best_anchor,
             "cancel_to_free_vs_best_anchor": ours["cancel_to_free"]["p50_ms"]
@@ -299,6 +435,8 @@ def run(quick: bool) -> dict[str, Any]:
     noop_ratio = results["ratios"]["noop_vs_best_anchor"]
     cancel_p50 = ours["cancel_to_free"]["p50_ms"]
     next_call, noop_p50 = ours["next_call"]["p50_ms"], noop["bridgecancel"]["p50_ms"]
+    cold_free = cancel_cold["bridgecancel"]["p50_ms"]
+    import_free = cancel_importing["bridgecancel"]["p50_ms"]
     results["targets"] = [
         {"name": "noop <= 1.0x best anchor", "target": "<= 1.0x",
          "measured": f"{noop_ratio:.2f}x", "met": noop_ratio <= 1.0},
@@ -309,6 +447,10 @@ def run(quick: bool) -> dict[str, Any]:
          "measured": f"{next_call:.3f} ms", "met": next_call <= 2 * noop_p50},
         {"name": "forced path <= kill_after + 5 ms (p50)", "target": "<= 5 ms beyond",
          "measured": f"{forced_p50:.2f} ms beyond", "met": forced_p50 <= 5.0},
+        {"name": "cancel during a cold start: caller free <= 5 ms (p50)", "target": "<= 5 ms",
+         "measured": f"{cold_free:.2f} ms", "met": cold_free <= 5.0},
+        {"name": "cancel during a slow import: caller free <= 5 ms (p50)", "target": "<= 5 ms",
+         "measured": f"{import_free:.2f} ms", "met": import_free <= 5.0},
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
@@ -332,6 +474,14 @@ def _print(results: dict[str, Any]) -> None:
         {k: v["overhead_beyond_escalation"] for k, v in forced.items()},
     )
     table("cold start: first call in a fresh interpreter (trio)", results["cold_start_trio"])
+    early = results["cancel_before_start_trio"]
+    table(
+        "cancelled 5 ms in, on a cold start: cancel -> caller free (trio)", early["cold_start"]
+    )
+    table(
+        "cancelled 5 ms in, while the worker imports the job's module: cancel -> caller free",
+        early["while_importing"],
+    )
     print("\nratios (bridgecancel / best anchor, p50):")
     for name, ratio in results["ratios"].items():
         print(f"  {name:<42} {ratio:6.2f}x")

@@ -220,3 +220,77 @@ def _load_slowly(seconds: float) -> SlowToLoad:
 def mark_if_run(path: str, _slow: object) -> str:
     mark(path, "ran")
     return "ran"
+
+
+class LoadsWhen:
+    """An argument that cannot be loaded until `gate` exists, as a job whose module takes
+    its time to import: the worker marks `loading` with its pid, then waits on the file."""
+
+    def __init__(self, loading: str, gate: str) -> None:
+        self.loading = loading
+        self.gate = gate
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (_load_when, (self.loading, self.gate))
+
+
+def _load_when(loading: str, gate: str) -> LoadsWhen:
+    mark(loading, str(os.getpid()))
+    while not os.path.exists(gate):
+        time.sleep(0.002)
+    return LoadsWhen(loading, gate)
+
+
+class ExitsWhileLoading:
+    """An argument whose loading ends the worker: it notes the worker's pid in `log`
+    (one line per worker that tried), then exits with status 3."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_exit_while_loading, (self.log,))
+
+
+def _exit_while_loading(log: str) -> None:
+    note_and_exit(log)
+
+
+def note_and_exit(log: str) -> None:
+    """Note this worker's pid in `log`, then exit with status 3 (from the job itself)."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os._exit(3)
+
+
+def close_job_pipe() -> int:
+    """Break this worker and return normally: close the pipe it reads its jobs from.
+
+    The job pipe is the first descriptor among the worker's arguments.
+    """
+    os.close(next(int(arg) for arg in sys.argv[1:] if arg.isdigit()))
+    return os.getpid()
+
+
+def fork_while_the_worker_lock_is_held() -> int:
+    """Fork while another thread holds the worker's own lock (the control listener's);
+    the child's exit status: 0 if it could take that lock, 1 if not (or by a signal)."""
+    from bridgecancel._process import _child
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _child._state.lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        os._exit(0 if _child._state.lock.acquire(timeout=5) else 1)
+    release.set()
+    thread.join()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

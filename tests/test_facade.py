@@ -108,7 +108,7 @@ async def test_worker_process_starts_by_a_plain_import() -> None:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     assert argv[1] == b"-c"
-    assert b"from bridgecancel._process._child import main; main()" in argv[2]
+    assert b"from bridgecancel._process._child import main\n" in argv[2]
     # The package in the worker is the real one, with its facade (not built by hand).
     names = await run_process(_proc_lean.package_facade)
     assert names == ["__all__", "__getattr__", "__version__"]

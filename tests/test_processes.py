@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import pickle
@@ -14,7 +15,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ def stats() -> bridgecancel.JobStatistics:
 
 
 def delta(before: bridgecancel.JobStatistics) -> dict[str, int]:
+    """The outcome counts that changed since `before` (running excluded)."""
     after = stats()
-    fields = ("completed", "cooperative", "interrupted", "killed", "abandoned")
+    fields = [f for f in before.__dataclass_fields__ if f != "running"]
     changes = {f: getattr(after, f) - getattr(before, f) for f in fields}
     return {f: n for f, n in changes.items() if n}
 
@@ -266,7 +268,8 @@ async def test_job_cancelled_before_start_never_starts(tmp_path: Path) -> None:
         await run_process(h.mark, str(marker))
     assert scope.cancelled_caught
     assert not marker.exists()
-    assert stats() == before
+    assert delta(before) == {"never_started": 1}  # counted, as a thread job is
+    assert stats().running == before.running
 
 
 async def test_limiter_bounds_jobs_and_queued_jobs_never_start(tmp_path: Path) -> None:
@@ -287,7 +290,123 @@ async def test_limiter_bounds_jobs_and_queued_jobs_never_start(tmp_path: Path) -
             assert stats().running - before.running == 2
             scope.cancel()
     assert sum(m.exists() for m in markers) == 2  # the queued two never started
-    assert delta(before) == {"cooperative": 2}
+    assert delta(before) == {"cooperative": 2, "never_started": 2}
+
+
+# -- a job cancelled before it began: the caller is free at once (issue 15, item 2) --------
+
+FREE_AT_ONCE = 0.5  # seconds: generous for "at once" (benchmarks measure the milliseconds)
+GATE_TIMEOUT = 5.0  # seconds after which a test opens its gate anyway, so it always ends
+
+
+async def _open_after(gate: Path, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    h.mark(str(gate))
+
+
+async def test_a_job_cancelled_while_its_worker_loads_it_frees_the_caller_at_once(
+    tmp_path: Path,
+) -> None:
+    """The worker is still loading the job (importing its module) when the caller is
+    cancelled: the caller leaves at once; the job never runs; the worker, once it has
+    loaded the job, answers the pool and is idle again."""
+    loading, gate, ran = tmp_path / "loading", tmp_path / "gate", tmp_path / "ran"
+    before = stats()
+    times: list[float] = []
+    async with anyio.create_task_group() as safety:
+        safety.start_soon(_open_after, gate, GATE_TIMEOUT)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_started, scope, loading, times)
+                await run_process(h.mark_if_run, str(ran), h.LoadsWhen(str(loading), str(gate)))
+        freed = time.monotonic() - times[0]
+        h.mark(str(gate))  # the worker may finish loading now
+        safety.cancel_scope.cancel()
+    assert scope.cancelled_caught
+    # Before the fix the caller waited for the load: until the gate opened, 5 s.
+    assert freed < FREE_AT_ONCE
+    worker = int(loading.read_text())
+    with anyio.fail_after(30):
+        while worker not in idle_worker_pids():  # it joins the pool once it has answered
+            await anyio.sleep(0.005)
+    assert not ran.exists()
+    assert delta(before) == {"never_started": 1}
+    assert stats().running == before.running
+
+
+# A worker's start made slow on purpose: its interpreter's site hook (worker processes
+# are the ones started with -c) waits for a gate file before the worker imports anything.
+SLOW_START_SITE = textwrap.dedent(
+    """
+    import os, sys, time
+    if "-c" in sys.orig_argv:
+        while not os.path.exists(os.environ["TEST_WORKER_GATE"]):
+            time.sleep(0.002)
+    """
+)
+
+COLD_CANCEL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading, time, anyio
+    import _proc_helpers as h
+    import bridgecancel
+    from bridgecancel import run_process
+    from bridgecancel.testing import idle_worker_pids
+
+    marker, gate, backend = sys.argv[1], os.environ["TEST_WORKER_GATE"], sys.argv[2]
+    # For code that waits for its worker: the gate opens anyway after a while.
+    safety = threading.Timer(float(sys.argv[3]), h.mark, (gate,))
+    safety.start()
+
+    async def main():
+        with anyio.move_on_after(0.005) as scope:  # cancelled 5 ms in: still spawning
+            deadline = scope.deadline
+            await run_process(h.mark, marker)
+        freed = anyio.current_time() - deadline
+        h.mark(gate)  # the worker may finish starting now
+        with anyio.fail_after(30):
+            while not idle_worker_pids():  # it joins the pool
+                await anyio.sleep(0.005)
+        print(json.dumps({
+            "cancelled": scope.cancelled_caught,
+            "freed": freed,
+            "ran": os.path.exists(marker),
+            "idle": len(idle_worker_pids()),
+            "never_started": bridgecancel.statistics().processes.never_started,
+        }))
+
+    anyio.run(main, backend=backend)
+    safety.cancel()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_while_its_worker_starts_frees_the_caller_at_once(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A cold call, cancelled 5 ms in while its worker still starts: the caller leaves
+    at once; the job never runs; the worker finishes starting and joins the pool."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_START_SITE)
+    script = tmp_path / "parent.py"  # a file: only the workers are started with -c
+    script.write_text(COLD_CANCEL_SCRIPT)
+    marker, gate = tmp_path / "ran", tmp_path / "gate"
+    path = [str(site), str(TESTS_DIR), *(entry for entry in sys.path if entry)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TEST_WORKER_GATE": str(gate)}
+    result = subprocess.run(
+        [sys.executable, str(script), str(marker), anyio_backend, str(GATE_TIMEOUT)],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cancelled"]
+    # Before the fix the caller waited for the worker to start, then for its job.
+    assert report["freed"] < FREE_AT_ONCE
+    assert not report["ran"]
+    assert report["idle"] == 1
+    assert report["never_started"] == 1
 
 
 # -- the caller's deadline ----------------------------------------------------------------
@@ -408,6 +527,41 @@ async def test_worker_dead_while_idle_is_replaced() -> None:
         while os.waitid(os.P_PID, worker, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             await anyio.sleep(0.005)
     assert await run_process(h.pid) != worker
+
+
+@pytest.mark.slow
+async def test_a_job_that_breaks_its_worker_leaves_the_next_call_alone() -> None:
+    """A job that breaks its worker (closes the pipe it reads jobs from) returns; the
+    worker dies before the next job begins; that next call must not see it (issue 15,
+    item 6: before the fix most of them got BrokenWorkerError, exit code 70)."""
+    before = stats()
+    for _ in range(8):
+        broken = await run_process(h.close_job_pipe)
+        assert await run_process(h.pid) != broken
+    assert delta(before) == {"completed": 16}
+
+
+@pytest.mark.parametrize("began", [False, True], ids=["while-loading", "after-it-began"])
+async def test_a_dead_worker_is_replaced_for_a_job_that_had_not_begun_once(
+    tmp_path: Path, began: bool
+) -> None:
+    """A worker that dies before the job's function began is replaced and the job sent
+    to another worker, once; one that dies after it began fails the call at once."""
+    log = tmp_path / "attempts"
+    before = stats()
+    call: Coroutine[Any, Any, object]
+    if began:
+        call = run_process(h.note_and_exit, str(log))
+    else:
+        call = run_process(h.mark_if_run, str(tmp_path / "ran"), h.ExitsWhileLoading(str(log)))
+    with pytest.raises(BrokenWorkerError, match="exited with code 3") as info:
+        await call
+    assert info.value.exitcode == 3
+    workers = log.read_text().split()
+    assert len(workers) == (1 if began else 2)  # before the fix: 1 either way
+    assert len(set(workers)) == len(workers)
+    assert delta(before) == {"crashed": 1}
+    assert await run_process(h.add, 1, 1) == 2
 
 
 def _make_closure() -> Callable[[], int]:
@@ -662,3 +816,60 @@ def test_function_in_interactive_main_names_the_fix(anyio_backend: str) -> None:
     assert result.stdout.startswith("PicklingError")
     assert "define it in a module" in result.stdout
     assert "pip install cloudpickle" in result.stdout
+
+
+# -- where a worker imports from (issue 15, item 4) ----------------------------------------
+
+# Standard-library names a worker imports after it starts (and a few more).
+HOSTILE = (
+    "__future__", "_heapq", "_pickle", "_queue", "_struct", "collections", "contextlib",
+    "contextvars", "copyreg", "enum", "functools", "heapq", "keyword", "linecache", "math",
+    "operator", "pickle", "queue", "re", "reprlib", "signal", "struct", "textwrap",
+    "threading", "token", "tokenize", "traceback", "types", "typing", "warnings", "weakref",
+)
+
+HOSTILE_MODULE = textwrap.dedent(
+    """
+    import os
+    open(os.path.join({markers!r}, __name__), "w").close()
+    raise ImportError("imported from the working directory: " + __name__)
+    """
+)
+
+APP_MAIN = textwrap.dedent(
+    """
+    import sys, anyio
+    import jobs  # from the script's own folder, which is on the parent's sys.path
+    from bridgecancel import run_process
+
+    async def main():
+        print(await run_process(jobs.add, 2, 3))
+
+    if __name__ == "__main__":
+        anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_worker_imports_nothing_from_the_working_directory(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """``python app/main.py`` run from a folder of modules named like the standard
+    library's: the parent does not have that folder on sys.path, so its worker must not
+    import from it either, from its first import on."""
+    folder, markers = tmp_path / "folder", tmp_path / "markers"
+    (folder / "app").mkdir(parents=True)
+    markers.mkdir()
+    for name in HOSTILE:
+        (folder / f"{name}.py").write_text(HOSTILE_MODULE.format(markers=str(markers)))
+    (folder / "app" / "main.py").write_text(APP_MAIN)
+    (folder / "app" / "jobs.py").write_text("def add(a, b):\n    return a + b\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
+    result = subprocess.run(
+        [sys.executable, os.path.join("app", "main.py"), anyio_backend],
+        capture_output=True, text=True, timeout=60, env=env, cwd=folder, check=False,
+    )
+    assert sorted(p.name for p in markers.iterdir()) == []  # before the fix: typing, first
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5"]

@@ -289,6 +289,49 @@ async def test_process_job_cancelled_while_loading_never_starts_and_keeps_its_wo
     assert await run_process(h.add, 1, 2) == 3
 
 
+# -- issue 15, item 7: every call ends in one outcome, by the same rule for every kind -------
+
+
+async def _cancel_while_queued(bridge: Callable[..., Any], func: Callable[[], object]) -> None:
+    """Call `bridge(func)` behind a limiter that is held, and cancel it while it waits."""
+    limiter = anyio.CapacityLimiter(1)
+    await limiter.acquire()
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: bridge(func, limiter=limiter))
+                with anyio.fail_after(WAIT):
+                    while limiter.statistics().tasks_waiting < 1:
+                        await anyio.sleep(0.001)
+                scope.cancel()
+        assert scope.cancelled_caught
+    finally:
+        limiter.release()
+
+
+async def _call_in_cancelled_scope(bridge: Callable[..., Any], func: Callable[[], object]) -> None:
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await bridge(func)
+    assert scope.cancelled_caught
+
+
+@pytest.mark.parametrize(
+    "situation", [_call_in_cancelled_scope, _cancel_while_queued], ids=["cancelled-scope", "queued"]
+)
+async def test_a_call_cancelled_before_its_job_began_counts_as_never_started_for_both_bridges(
+    situation: Callable[[Callable[..., Any], Callable[[], object]], Any],
+) -> None:
+    deltas = {}
+    for kind, bridge, func in (("threads", run_sync, int), ("processes", run_process, h.pid)):
+        before = getattr(bridgecancel.statistics(), kind)
+        await situation(bridge, func)
+        deltas[kind] = _delta(kind, before)
+        assert getattr(bridgecancel.statistics(), kind).running == before.running
+    # Before the fix processes counted neither (threads counted both).
+    assert deltas["processes"] == deltas["threads"] == {"never_started": 1}
+
+
 # -- issue 8, defect 6: one argument check for both bridges -----------------------------------
 
 

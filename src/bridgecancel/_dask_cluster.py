@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -208,6 +209,17 @@ class _WorkerTokens(WorkerPlugin):
 
 _running: dict[str, CancelSource] = {}
 _running_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets new locks: a thread that held one at the fork is not here."""
+    global _install_lock, _running_lock
+    _install_lock = threading.Lock()
+    _running_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _fire(key: str, reason: str) -> bool:

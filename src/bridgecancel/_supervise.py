@@ -32,6 +32,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import types
@@ -171,8 +172,18 @@ class _Counters:
                 **{kind: JobStatistics(**counts) for kind, counts in self._counts.items()}
             )
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: another thread (a metrics exporter reading `statistics`)
+        may have held the lock at the fork, and is not here to release it. The child
+        keeps the outcomes so far; none of the parent's jobs runs in it."""
+        self.lock = threading.Lock()
+        for counts in self._counts.values():
+            counts["running"] = 0
+
 
 counters: Final = _Counters()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=counters.after_fork_in_child)
 
 
 def statistics() -> Statistics:

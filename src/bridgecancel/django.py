@@ -45,7 +45,8 @@ try:
     from django.http import HttpResponse
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "bridgecancel.django needs Django 5.0 or later: pip install 'bridgecancel[django]'"
+        "bridgecancel.django needs Django 5.0 or later: pip install 'django>=5' "
+        "(or, from the root of a bridgecancel checkout, pip install -e '.[django]')"
     ) from exc
 
 from ._threads import run_sync
@@ -57,8 +58,8 @@ __all__ = (
     "cancellable",
 )
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # How long a cancel request to PostgreSQL may take (psycopg's cancel_safe); it runs in
 # bridgecancel's callback thread, never on the event loop.
@@ -72,8 +73,8 @@ _TIMEOUT_BODY: Final = b"The request took longer than the server allows; it was 
 
 @overload
 def cancellable(
-    view: Callable[_P, _T], /
-) -> Callable[_P, Coroutine[Any, Any, _T | HttpResponse]]: ...
+    view: Callable[P, T], /
+) -> Callable[P, Coroutine[Any, Any, T | HttpResponse]]: ...
 
 
 @overload
@@ -82,19 +83,19 @@ def cancellable(
     timeout: float | None = None,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T | HttpResponse]]]: ...
+) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T | HttpResponse]]]: ...
 
 
 def cancellable(
-    view: Callable[_P, _T] | None = None,
+    view: Callable[P, T] | None = None,
     /,
     *,
     timeout: float | None = None,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
 ) -> (
-    Callable[_P, Coroutine[Any, Any, _T | HttpResponse]]
-    | Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T | HttpResponse]]]
+    Callable[P, Coroutine[Any, Any, T | HttpResponse]]
+    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T | HttpResponse]]]
 ):
     """Make a sync Django view cancellable: it stops when its client leaves or its deadline passes.
 
@@ -164,12 +165,12 @@ def cancellable(
 
 
 def _cancellable(
-    view: Callable[_P, _T],
+    view: Callable[P, T],
     *,
     timeout: float | None,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[_P, Coroutine[Any, Any, _T | HttpResponse]]:
+) -> Callable[P, Coroutine[Any, Any, T | HttpResponse]]:
     if not callable(view):
         raise TypeError(f"@cancellable decorates a view function, got {view!r}")
     if inspect.iscoroutinefunction(view) or inspect.isasyncgenfunction(view):
@@ -181,11 +182,11 @@ def _cancellable(
         raise TypeError(f"{view!r} is a generator function, not a view")
     transactions = _TransactionsInWorker(view)
 
-    def run_view(*args: Any, **kwargs: Any) -> _T:
+    def run_view(*args: Any, **kwargs: Any) -> T:
         return _run_view(view, transactions, args, kwargs)
 
     @functools.wraps(view)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T | HttpResponse:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T | HttpResponse:
         call = functools.partial(run_view, *args, **kwargs)
         if timeout is None:
             return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
@@ -232,11 +233,11 @@ class _TransactionsInWorker:
 
 
 def _run_view(
-    view: Callable[..., _T],
+    view: Callable[..., T],
     transactions: _TransactionsInWorker,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-) -> _T:
+) -> T:
     """Run in the worker thread: the view, with its queries cancellable and its
     connections closed at the end."""
     close_old_connections()  # what Django's request_started does, in this thread

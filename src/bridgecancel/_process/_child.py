@@ -1,7 +1,8 @@
 """The worker process: runs jobs from the pool with a real cancel token.
 
 Standard library only, and never anyio: a worker must start fast. The pool launches
-``python -c "from bridgecancel._process._child import main; main()"``: a plain import, since the
+``python -c`` with `_wire.BOOT`, which sets the parent's ``sys.path`` and then runs
+``from bridgecancel._process._child import main; main()``: a plain import, since the
 package's ``__init__`` loads only the standard-library token names at once.
 
 Three threads of control matter here:
@@ -64,6 +65,7 @@ class _State:
         self.main_ident = threading.get_ident()
         self.config: wire.Config = {}
         self.res_fd = -1  # the results pipe, for the STARTED message
+        self.claim_fd = -1  # the claims pipe: one byte per job, see `_claim`
         self.main_loaded = False
         self.loading_main = False  # guards run_process against an unguarded __main__
 
@@ -229,8 +231,11 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     try:
         func, args = _loads(payload)
     except BaseException as exc:
+        _claim()  # this job's byte, so that none is left over for the next job
         return wire.LOAD_FAILED, load_failure(exc).encode()
-    if token.cancel_called:  # cancelled before it started: it never starts
+    # Cancelled before it started: it never starts. The parent may have taken the
+    # job's claim back already (then its caller is gone), or the cancel may be here.
+    if not _claim() or token.cancel_called:
         return wire.CANCELLED, reason_bytes(token)
     state = _state
     try:
@@ -257,6 +262,18 @@ def _call(payload: bytes, token: CancelToken) -> tuple[int, bytes]:
     except BaseException as exc:
         return raised(func, exc)
     return returned(func, result)
+
+
+def _claim() -> bool:
+    """Take the job's byte from the claims pipe: True if the job may start.
+
+    False if the parent took it back first, for a caller cancelled before the job's
+    function began: the caller has left, and the job must never start.
+    """
+    try:
+        return os.read(_state.claim_fd, 1) == b"\0"
+    except BlockingIOError:
+        return False
 
 
 def _exit_like(exc: SystemExit) -> NoReturn:
@@ -336,8 +353,7 @@ def _flush_stdio() -> None:
 
 
 def _apply_config(config: wire.Config) -> None:
-    _state.config = config
-    sys.path[:] = config["sys_path"]
+    _state.config = config  # sys.path is the parent's already: `_wire.BOOT` set it
 
 
 def main() -> NoReturn:
@@ -351,12 +367,14 @@ def main() -> NoReturn:
 
 
 def _serve() -> None:
-    job_fd, ctl_fd, res_fd = (int(arg) for arg in sys.argv[2:5])
-    fds = (job_fd, ctl_fd, res_fd)
+    job_fd, ctl_fd, res_fd, claim_fd = (int(arg) for arg in sys.argv[1:5])
+    fds = (job_fd, ctl_fd, res_fd, claim_fd)
     _state.res_fd = res_fd
+    _state.claim_fd = claim_fd
     for fd in fds:  # children the job starts must not hold our pipes open
         os.set_inheritable(fd, False)
-    os.register_at_fork(after_in_child=lambda: _close_all(fds))
+    os.set_blocking(claim_fd, False)  # a claim is taken at once or not at all
+    os.register_at_fork(after_in_child=lambda: _after_fork_in_child(fds))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {INTERRUPT_SIGNAL})
     signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
 
@@ -368,6 +386,10 @@ def _serve() -> None:
     threading.Thread(
         target=_listen, args=(ctl_fd,), name="bridgecancel worker control", daemon=True
     ).start()
+    try:
+        wire.write_all(res_fd, wire.result_message(wire.READY, wire.CONFIG_JOB_ID, b""))
+    except BrokenPipeError:
+        return
 
     while True:
         source = CancelSource()  # made while idle, to keep it off the job's path
@@ -386,7 +408,10 @@ def _serve() -> None:
             _state.busy = False
 
 
-def _close_all(fds: tuple[int, ...]) -> None:
+def _after_fork_in_child(fds: tuple[int, ...]) -> None:
+    """In a child the job forks: not a worker. Our pipes are not its; nor is our lock,
+    which the listener thread (gone in the child) may have held."""
+    _state.lock = threading.Lock()
     for fd in fds:
         try:
             os.close(fd)

@@ -6,8 +6,14 @@ shut down at interpreter exit. A worker outlives event loops on purpose (the nex
 start never stalls the event loop. A retiring worker takes its process group with it:
 what its jobs left there is killed once it has exited.
 
-One thread, ``bridgecancel idle reaper``, exists while the pool holds idle or retiring
-workers: it retires idle workers on time and reaps the ones that exit.
+A caller never waits for a worker it no longer needs: one that leaves while its worker
+is still starting, or while the worker is still loading a job that will now never
+start, hands the worker to the pool, which reads the worker's answer (``READY``, or that
+job's last record) and then keeps it idle (`Pool.settle`).
+
+One thread, ``bridgecancel idle reaper``, exists while the pool holds idle, settling or
+retiring workers: it retires idle workers on time, reads settling workers' answers, and
+reaps the ones that exit.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ IDLE_TIMEOUT: Final = 300.0
 
 _RETIRE_GRACE: Final = 2.0  # a retiring worker that has not exited by then is killed
 _LIVENESS_PERIOD: Final = 1.0  # how often the reaper checks that idle workers are alive
+# A settling worker that has not answered by then (a boot or a module import that hangs)
+# is retired: nobody is waiting for it, and it would hold a process for nothing.
+_SETTLE_LIMIT: Final = 60.0
 
 
 class Pool:
@@ -43,6 +52,7 @@ class Pool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[WorkerProcess] = []  # most recently used last
+        self._settling: list[WorkerProcess] = []  # the pool reads their answer
         self._retiring: list[WorkerProcess] = []
         self._all: set[WorkerProcess] = set()
         self._thread: threading.Thread | None = None
@@ -58,8 +68,9 @@ class Pool:
 
         Starting a process (fork, exec, the wait for exec to succeed) blocks for a while
         on a loaded machine; in a thread it never stalls the event loop's other tasks.
-        The start is not cancellable; a worker started for a caller that has left
-        meanwhile is kept idle for the next call.
+        Then the worker boots (the interpreter starts, imports its modules) and says
+        ``READY``. A caller cancelled meanwhile leaves at once: the worker, once started,
+        is the pool's (`settle`), and joins the idle ones when it is ready.
         """
         with self._lock:
             while self._idle:
@@ -67,23 +78,32 @@ class Pool:
                 if worker.exit_status() is None:
                     return worker
                 self._discard_locked(worker)  # died while idle: already reaped by poll()
-        started: list[WorkerProcess] = []
-
-        def spawn() -> WorkerProcess:
-            worker = WorkerProcess.spawn()
-            with self._lock:
-                self._all.add(worker)
-            started.append(worker)
-            return worker
-
+        start = _Start()
         try:
             # A limiter of its own: starting a worker never waits behind the default
             # thread limiter, which the caller's other work may hold.
-            return await anyio.to_thread.run_sync(spawn, limiter=anyio.CapacityLimiter(1))
+            worker = await anyio.to_thread.run_sync(
+                self._spawn, start, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
+            )
+            await worker.wait_ready()
         except BaseException:
-            if started:
-                self.give_back(started[0])
+            with self._lock:
+                start.left = True
+                if start.worker is not None:
+                    self._settle_locked(start.worker, wire.CONFIG_JOB_ID)
             raise
+        return worker
+
+    def _spawn(self, start: _Start) -> WorkerProcess:
+        """In a worker thread: start a worker, for the caller or, if it left, the pool."""
+        worker = WorkerProcess.spawn()
+        with self._lock:
+            self._all.add(worker)
+            if start.left:
+                self._settle_locked(worker, wire.CONFIG_JOB_ID)
+            else:
+                start.worker = worker
+        return worker
 
     def give_back(self, worker: WorkerProcess) -> None:
         """Return a worker whose job ended cleanly, for reuse."""
@@ -92,16 +112,38 @@ class Pool:
             self._idle.append(worker)
             self._ensure_thread_locked()
 
+    def settle(self, worker: WorkerProcess, job_id: int) -> None:
+        """Take over a worker whose caller left before the worker answered.
+
+        The worker is still starting (`job_id` is ``CONFIG_JOB_ID``) or still loading
+        job `job_id`, which will never start. The reaper thread reads its answer
+        (``READY``, or the job's last record) and then keeps it idle; a worker that
+        says anything else, exits, or has not answered within `_SETTLE_LIMIT` seconds is
+        retired.
+        """
+        with self._lock:
+            self._settle_locked(worker, job_id)
+
+    def _settle_locked(self, worker: WorkerProcess, job_id: int) -> None:
+        worker.awaited = job_id
+        worker.settle_deadline = time.monotonic() + _SETTLE_LIMIT
+        self._settling.append(worker)
+        self._ensure_thread_locked()
+        self._wake_locked()
+
     def retire(self, worker: WorkerProcess, *, kill: bool = False) -> None:
         """Let a worker exit (or kill it) and have the reaper thread reap it."""
+        with self._lock:
+            self._retire_locked(worker, kill=kill)
+
+    def _retire_locked(self, worker: WorkerProcess, *, kill: bool) -> None:
         worker.close_pipes()
         if kill:
             worker.kill()
         worker.retire_deadline = time.monotonic() + _RETIRE_GRACE
-        with self._lock:
-            self._retiring.append(worker)
-            self._ensure_thread_locked()
-            self._wake_locked()
+        self._retiring.append(worker)
+        self._ensure_thread_locked()
+        self._wake_locked()
 
     def discard(self, worker: WorkerProcess) -> None:
         """Forget a worker that has been reaped."""
@@ -142,6 +184,8 @@ class Pool:
                 for worker in self._retiring:
                     if worker.exit_fd() >= 0:
                         poller.register(worker.exit_fd(), select.POLLIN)
+                for worker in self._settling:
+                    poller.register(worker.answer_fd(), select.POLLIN)
                 wake_r = self._wake_r
             events = poller.poll(max(0.0, timeout) * 1000)
             if any(fd == wake_r for fd, _ in events):
@@ -152,6 +196,17 @@ class Pool:
 
     def _reap_once_locked(self, now: float) -> float | None:
         """Reap, retire and kill what is due; the seconds until next due (None: stop)."""
+        settling: list[WorkerProcess] = []
+        for worker in self._settling:
+            answered = worker.settled()
+            if answered:
+                worker.idle_since = now
+                self._idle.append(worker)
+            elif answered is None and now < worker.settle_deadline:
+                settling.append(worker)
+            else:  # it exited, said something else, or hangs: nobody may use it
+                self._retire_locked(worker, kill=True)
+        self._settling = settling
         still: list[WorkerProcess] = []
         for worker in self._retiring:
             if worker.has_exited():
@@ -174,10 +229,11 @@ class Pool:
             else:
                 keep.append(worker)
         self._idle = keep
-        if not self._idle and not self._retiring:
+        if not self._idle and not self._settling and not self._retiring:
             return None
         due = [_LIVENESS_PERIOD]
         due += (w.idle_since + self.idle_timeout - now for w in self._idle)
+        due += (w.settle_deadline - now for w in self._settling)
         due += (w.retire_deadline - now for w in self._retiring)
         if any(w.exit_fd() < 0 for w in self._retiring):
             due.append(0.02)  # no pidfd to wait on: poll exiting workers
@@ -190,11 +246,12 @@ class Pool:
         with self._lock:
             workers = list(self._all)
             self._idle.clear()
+            self._settling.clear()
             self._retiring.clear()
             self._all.clear()
             self._wake_locked()
         for worker in workers:
-            worker.close_pipes()  # idle workers exit; busy ones kill their group
+            worker.close_pipes()  # idle (and starting) workers exit; busy ones kill their group
         deadline = time.monotonic() + timeout
         for worker in workers:
             # Exited or not, its group goes now: what its jobs left, or the worker too.
@@ -208,12 +265,23 @@ class Pool:
         self._lock = threading.Lock()
         for worker in self._all:
             worker.forget_after_fork()
-        self._idle, self._retiring, self._all = [], [], set()
+        self._idle, self._settling, self._retiring, self._all = [], [], [], set()
         self._thread = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+class _Start:
+    """A worker being started for a caller; whoever is second (the caller leaving, or
+    the thread that started it) hands it to the pool. Guarded by the pool's lock."""
+
+    __slots__ = ("left", "worker")
+
+    def __init__(self) -> None:
+        self.left = False  # the caller has left (cancelled, or it failed)
+        self.worker: WorkerProcess | None = None  # started, and not yet the pool's
 
 
 pool: Final = Pool()
@@ -226,51 +294,58 @@ if hasattr(os, "register_at_fork"):
 
 # Seen from the parent: start it, talk to it, end it.
 #
-# A worker is ``python -c "from bridgecancel._process._child import main; main()"`` (a plain
-# import) started with `subprocess`, in its own process group, talking over three private
-# pipes (see `_wire`). A worker never outlives its parent: its control listener exits
-# when the control pipe closes. The `Pool` above keeps the idle ones.
+# A worker is ``python -c`` `_wire.BOOT`, which sets the parent's ``sys.path`` before any
+# import and then imports ``bridgecancel._process._child`` (a plain import: the package's
+# __init__ loads no anyio, its anyio-backed names are lazy, so the worker stays
+# standard-library only). It is started with `subprocess`, in its own process group, and
+# talks over four private pipes (see `_wire`). A worker never outlives its parent: its
+# control listener exits when the control pipe closes. The `Pool` above keeps the idle
+# ones.
 
 _SRC_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A plain import: the package's __init__ loads no anyio (its anyio-backed names are lazy),
-# so the worker stays standard-library only. The package's own directory goes first on the
-# path, so the worker runs the same bridgecancel as its parent.
-_BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from bridgecancel._process._child import main; main()"
-)
 
 
 class WorkerProcess:
     """One worker process and the parent's ends of its pipes."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], job_w: int, ctl_w: int, res_r: int
+        self,
+        proc: subprocess.Popen[bytes],
+        job_w: int,
+        ctl_w: int,
+        res_r: int,
+        claim_r: int,
+        claim_w: int,
     ) -> None:
         self.pid: Final = proc.pid
         self._proc = proc
         self._job_w = job_w
         self._ctl_w = ctl_w
         self._res_r = res_r
+        self._claim_r = claim_r  # the worker reads this pipe too: see `withdraw`
+        self._claim_w = claim_w
         pidfd = open_pidfd(proc.pid)
         self._pidfd = -1 if pidfd is None else pidfd
         self._buf = bytearray()
         self._last_job_id = 0
         self.idle_since = 0.0
+        self.awaited = 0  # while settling: the job whose last record the pool awaits
+        self.settle_deadline = math.inf
         self.retire_deadline = math.inf
         self.killed = False
 
     @classmethod
     def spawn(cls) -> WorkerProcess:
-        """Start a worker. It boots while the first job is already waiting in its pipe."""
+        """Start a worker. It boots while its path and configuration wait in its pipe."""
         fds: list[int] = []
         try:
             job_r, job_w = _pipe(fds)
             ctl_r, ctl_w = _pipe(fds)
             res_r, res_w = _pipe(fds)
-            child_ends = (job_r, ctl_r, res_w)
-            args = [sys.executable, "-c", _BOOT, _SRC_DIR, *map(str, child_ends)]
+            claim_r, claim_w = _pipe(fds)
+            os.set_blocking(claim_r, False)  # both sides: a claim is taken at once or never
+            child_ends = (job_r, ctl_r, res_w, claim_r)
+            args = [sys.executable, "-c", wire.BOOT, *map(str, child_ends)]
             if sys.version_info >= (3, 11):
                 proc = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, pass_fds=child_ends, process_group=0
@@ -283,15 +358,19 @@ class WorkerProcess:
             for fd in fds:
                 os.close(fd)
             raise
-        for fd in child_ends:
+        for fd in (job_r, ctl_r, res_w):  # the parent keeps claim_r: it may withdraw
             os.close(fd)
-        worker = cls(proc, job_w, ctl_w, res_r)
+        worker = cls(proc, job_w, ctl_w, res_r, claim_r, claim_w)
         try:
             # Small, into an empty pipe: this does not block (a huge sys.path would only
             # wait for the worker to read it, which it does first thing).
-            wire.write_all(job_w, wire.job_message(wire.CONFIG_JOB_ID, math.inf, _config()))
+            wire.write_all(
+                job_w,
+                wire.boot_record(_boot_path())
+                + wire.job_message(wire.CONFIG_JOB_ID, math.inf, _config()),
+            )
         except BrokenPipeError:
-            pass  # it died at start-up; the first job reports how
+            pass  # it died at start-up; its first job finds out
         for fd in (job_w, ctl_w, res_r):
             os.set_blocking(fd, False)
         return worker
@@ -322,32 +401,99 @@ class WorkerProcess:
             await anyio.wait_writable(self._job_w)
             view = self.send_nowait(view)
 
+    def post_claim(self) -> None:
+        """Put the next job's claim in the claims pipe; call just before sending it."""
+        os.write(self._claim_w, b"\0")  # one byte into a pipe that holds none: never blocks
+
+    def withdraw(self) -> bool:
+        """Take the sent job's claim back, for a caller cancelled before it began.
+
+        True if the job will now never start (the worker will answer it ``CANCELLED``,
+        or ``LOAD_FAILED``); False if the worker has claimed it: its function has begun,
+        or is about to (``STARTED`` is on its way), or it stopped before that, for the
+        cancel it saw or because it could not load the job.
+        """
+        try:
+            return os.read(self._claim_r, 1) == b"\0"
+        except BlockingIOError:
+            return False
+
     async def receive(self) -> tuple[int, int, bytes] | None:
         """The next ``(job id, tag, payload)`` from the worker; None once it has exited.
 
         Cancellable, and safe to call again after a cancel: a partly read message stays
         in the buffer.
         """
-        buf = self._buf
-        size = wire.RESULT_HEADER.size
         while True:
-            need = size
-            if len(buf) >= size:
-                length, job_id, tag = wire.RESULT_HEADER.unpack_from(buf)
-                need = size + length
-                if len(buf) >= need:
-                    payload = bytes(buf[size:need])
-                    del buf[:need]
-                    return job_id, tag, payload
+            record = self._next_record()
+            if record is not None:
+                return record
             # Wait first: right after a job is sent, a read would only fail with EAGAIN.
             await anyio.wait_readable(self._res_r)
             try:
-                chunk = os.read(self._res_r, max(65536, need - len(buf)))
+                chunk = os.read(self._res_r, max(65536, self._needed()))
             except BlockingIOError:
                 continue
             if not chunk:
                 return None
-            buf += chunk
+            self._buf += chunk
+
+    async def wait_ready(self) -> None:
+        """Wait until a new worker has booted: ``READY``, or the end of its results pipe
+        (it died at start-up; the job sent to it finds out). Cancellable, as `receive`."""
+        await self.receive()
+
+    def _next_record(self) -> tuple[int, int, bytes] | None:
+        """The next whole ``(job id, tag, payload)`` in the buffer, taken out of it."""
+        buf = self._buf
+        size = wire.RESULT_HEADER.size
+        if len(buf) < size:
+            return None
+        length, job_id, tag = wire.RESULT_HEADER.unpack_from(buf)
+        if len(buf) < size + length:
+            return None
+        payload = bytes(buf[size : size + length])
+        del buf[: size + length]
+        return job_id, tag, payload
+
+    def _needed(self) -> int:
+        """Bytes still missing from the next record (a header's worth if unknown)."""
+        size = wire.RESULT_HEADER.size
+        if len(self._buf) < size:
+            return size - len(self._buf)
+        length: int = wire.RESULT_HEADER.unpack_from(self._buf)[0]
+        return size + length - len(self._buf)
+
+    # -- a settling worker, read by the pool's reaper thread ------------------------------
+
+    def answer_fd(self) -> int:
+        """The descriptor that becomes readable when the worker says something."""
+        return self._res_r
+
+    def settled(self) -> bool | None:
+        """Whether a settling worker has answered as it should; None: not yet.
+
+        It should say ``READY`` (if `awaited` is ``CONFIG_JOB_ID``) or end job `awaited`
+        without starting it, and nothing more. False if it says anything else, or has
+        closed its results pipe (it is exiting).
+        """
+        while True:
+            try:
+                chunk = os.read(self._res_r, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                return False
+            self._buf += chunk
+        record = self._next_record()
+        if record is None:
+            return None
+        job_id, tag, _ = record
+        if self._buf:  # more than one answer: not what a settling worker says
+            return False
+        if self.awaited == wire.CONFIG_JOB_ID:
+            return job_id == wire.CONFIG_JOB_ID and tag == wire.READY
+        return job_id == self.awaited and tag in wire.RESULT_TAGS
 
     def control(self, tag: int, job_id: int, reason: str | None = None) -> None:
         """Send a cancel or interrupt record; best effort (a dead worker needs neither)."""
@@ -392,7 +538,7 @@ class WorkerProcess:
 
     def close_descriptors(self) -> None:
         """Close every descriptor; call once the worker has been reaped."""
-        self._close("_job_w", "_ctl_w", "_res_r", "_pidfd")
+        self._close("_job_w", "_ctl_w", "_res_r", "_claim_r", "_claim_w", "_pidfd")
 
     def _close(self, *names: str) -> None:
         """Close the descriptors in these attributes, once each (-1 marks a closed one)."""
@@ -465,8 +611,21 @@ def _pipe(fds: list[int]) -> tuple[int, int]:
     return r, w
 
 
+def _boot_path() -> list[str]:
+    """The worker's ``sys.path``: the parent's, from its first import on.
+
+    bridgecancel's own directory is added at the end if the parent's path lacks it
+    (the parent found bridgecancel some other way), so that the worker can import it
+    without anything there shadowing what the parent's path finds.
+    """
+    path = [entry for entry in sys.path if isinstance(entry, str)]
+    if _SRC_DIR not in path:
+        path.append(_SRC_DIR)
+    return path
+
+
 def _config() -> bytes:
-    """What a worker needs from the parent: its import path, and where __main__ lives."""
+    """What a worker needs from the parent beyond its path: where __main__ lives."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     main_name = getattr(spec, "name", None)
@@ -474,7 +633,6 @@ def _config() -> bytes:
         main_name = None
     main_path = getattr(main, "__file__", None)
     config = {
-        "sys_path": list(sys.path),
         "main_name": main_name,
         "main_path": os.path.abspath(main_path) if main_path else None,
     }

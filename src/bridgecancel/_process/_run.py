@@ -89,14 +89,16 @@ async def run_process(
     replaced. Pass None to skip a stage; with both None the call waits for the worker
     however long it takes. The call returns only once the job has ended.
 
-    A job cancelled before its function began never starts, and its worker (even one
-    still starting) is reused. A worker that stopped because of the cancel becomes the
-    caller's own cancellation.
+    A job cancelled before its function began never starts, and the caller is free at
+    once, whatever its worker is doing (starting, or importing the job's module): the
+    worker finishes that for the pool and is reused. A worker that stopped because of
+    the cancel becomes the caller's own cancellation.
     A worker that returns anyway has its result returned (the cancellation is delivered
     at the next checkpoint; under plain asyncio a cancellation still standing is raised
     instead, once the job has ended); an error it raises arrives as a copy of the same type,
     whose ``__cause__`` is a `RemoteTraceback`. A job cancelled while it waits for the
-    limiter never starts.
+    limiter never starts. A worker found dead before the job began (an earlier job
+    broke it) is replaced and the job sent to another one, once, unseen.
 
     Args:
         func: a sync callable that pickle can send (a module-level function; lambdas
@@ -109,7 +111,8 @@ async def run_process(
             None) to the kill, or None.
 
     Raises:
-        BrokenWorkerError: the worker exited or died by a signal while running the job.
+        BrokenWorkerError: the worker exited or died by a signal while running the job
+            (or a second worker did so before the job began).
         pickle.PicklingError: the function, an argument, the result or the error could
             not be pickled.
         pickle.UnpicklingError: the worker could not load the job, or the parent could
@@ -131,71 +134,121 @@ async def run_process(
     payload = pickle_job(func, args)
     if limiter is None:
         limiter = current_default_process_limiter()
-    await checkpoint_if_cancelled()
+    job = _ProcessJob(func, interrupt_after, kill_after, caller_deadline())
     try:
-        # A free token is taken without yielding to the event loop; waiting for the
-        # result is this call's schedule point.
-        limiter.acquire_nowait()
-        queued = False
-    except anyio.WouldBlock:
-        await limiter.acquire()
-        queued = True
-    try:
-        if queued:  # cancelled while it waited for the limiter: the job never starts
-            await checkpoint_if_cancelled()
-        return await _run_in_worker(func, payload, interrupt_after, kill_after)  # type: ignore[no-any-return]
+        await checkpoint_if_cancelled()
+        try:
+            # A free token is taken without yielding to the event loop; waiting for the
+            # result is this call's schedule point.
+            limiter.acquire_nowait()
+            queued = False
+        except anyio.WouldBlock:
+            await limiter.acquire()
+            queued = True
+        try:
+            if queued:  # cancelled while it waited for the limiter: the job never starts
+                await checkpoint_if_cancelled()
+            return await _run_in_worker(job, payload)  # type: ignore[no-any-return]
+        finally:
+            limiter.release()
     finally:
-        limiter.release()
+        if job.state is _QUEUED:  # the call ends, the job never began and is not counted
+            job.move(_DROPPED)
+            supervise.record(job)  # never_started, as a thread job would be
 
 
-async def _run_in_worker(
-    func: Callable[..., object],
-    payload: bytes,
-    interrupt_after: float | None,
-    kill_after: float | None,
-) -> Any:
-    worker = await pool.take()
-    job = _ProcessJob(worker, func, interrupt_after, kill_after, caller_deadline())
-    try:
+async def _run_in_worker(job: _ProcessJob, payload: bytes) -> Any:
+    """Run `job` in a pooled worker, and in a second one if the first is found dead
+    before the job began (it never began: sending it elsewhere changes nothing)."""
+    while True:
+        job.assign(await pool.take())
         try:
-            message = wire.job_message(job.job_id, job.deadline, payload)
-            rest = worker.send_nowait(message)
-            if rest:  # a large job: finish sending it even if cancelled meanwhile
-                with anyio.CancelScope(shield=True):
-                    await worker.send_rest(rest)
-        except BrokenPipeError:
-            pass  # the worker died; job.wait() sees it exit
-        try:
-            await job.wait()
-        except anyio.get_cancelled_exc_class() as exc:
-            return await supervise.deliver_cancelled(job, exc)
-        return await supervise.deliver(job)
-    finally:
-        job.return_worker()
+            await job.send(payload)
+            try:
+                await job.wait()
+            except anyio.get_cancelled_exc_class() as exc:
+                # A job whose function has not begun never will: the caller does not
+                # wait for its worker to finish starting or loading it.
+                job.withdraw()
+                return await supervise.deliver_cancelled(job, exc)
+            if job.state is _QUEUED:  # its worker died before the job began
+                continue
+            return await supervise.deliver(job)
+        finally:
+            job.return_worker()
 
 
 class _ProcessJob(Job):
-    """One job in one worker process: the `_supervise.Job` of a process."""
+    """One job in a worker process: the `_supervise.Job` of a process."""
 
     kind: ClassVar[JobKind] = "processes"
 
-    __slots__ = ("_exiting", "interrupted", "job_id", "message", "returncode", "worker")
+    __slots__ = (
+        "_exiting",
+        "_retry",
+        "_worker",
+        "interrupted",
+        "job_id",
+        "message",
+        "returncode",
+        "withdrawn",
+    )
 
     def __init__(
         self,
-        worker: WorkerProcess,
         func: Callable[..., object],
         interrupt_after: float | None,
         kill_after: float | None,
         deadline: float,
     ) -> None:
         super().__init__(func, deadline, interrupt_after, kill_after)
-        self.worker = worker
-        self.job_id = worker.next_job_id()
+        self._worker: WorkerProcess | None = None
+        self._retry = True  # a worker found dead before the job began is replaced, once
+        self.job_id = 0
         self.message: tuple[int, bytes] | None = None  # the final (tag, payload)
         self.returncode: int | None = None  # set if the worker died during the job
         self.interrupted = False
+        self.withdrawn = False  # taken back before the worker claimed it: it never starts
         self._exiting = False  # the worker's result pipe closed: it is exiting
+
+    @property
+    def worker(self) -> WorkerProcess:
+        assert self._worker is not None, "the job has no worker yet"
+        return self._worker
+
+    def assign(self, worker: WorkerProcess) -> None:
+        """Give the job to `worker` (again, to a new one, if the last one died first)."""
+        if self._worker is not None:
+            self._retry = False
+        self._worker = worker
+        self.job_id = worker.next_job_id()
+        self.message = None
+        self.returncode = None
+        self._exiting = False
+
+    async def send(self, payload: bytes) -> None:
+        """Send the job, with its claim before it (see `_wire`)."""
+        worker = self.worker
+        message = wire.job_message(self.job_id, self.deadline, payload)
+        worker.post_claim()
+        try:
+            rest = worker.send_nowait(message)
+            if rest:  # a large job: finish sending it even if cancelled meanwhile
+                with anyio.CancelScope(shield=True):
+                    await worker.send_rest(rest)  # to a worker that has booted: it reads
+        except BrokenPipeError:  # the worker is gone; wait() reaps it
+            self._exiting = True
+            worker.kill_group()  # and what its jobs left
+
+    def withdraw(self) -> None:
+        """The caller was cancelled: a job the worker has not claimed never starts.
+
+        The job then ends at once, without its worker: the worker may still be loading
+        it (importing its module), and tells the pool, not the caller, when it is done.
+        """
+        if self.state is _QUEUED and self.worker.withdraw():
+            self.withdrawn = True
+            self.move(_DROPPED)
 
     def _ended_as(self) -> JobState:
         return _FINISHED if self.began else _DROPPED
@@ -207,6 +260,8 @@ class _ProcessJob(Job):
                 return
             if self._exiting:
                 self.returncode = await worker.wait_exit()
+                if not self.began and self._retry and self.reason is None:
+                    return  # QUEUED still: the caller sends it to another worker
                 self.move(self._ended_as())
                 continue
             received = await worker.receive()
@@ -223,7 +278,8 @@ class _ProcessJob(Job):
 
     def _cancel(self, reason: str) -> None:
         # A write to a pipe: no user code runs here (on_cancel runs in the worker).
-        self.worker.control(wire.CANCEL, self.job_id, reason)
+        if not self.withdrawn:  # a withdrawn job needs no cancel: it never starts
+            self.worker.control(wire.CANCEL, self.job_id, reason)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -233,12 +289,14 @@ class _ProcessJob(Job):
         self.worker.kill()
 
     def outcome(self) -> Outcome:
-        if self.worker.killed:
+        if self._worker is not None and self._worker.killed:
             return "killed"
+        if not self.began:
+            # The caller gets BrokenWorkerError only when it was not cancelled.
+            crashed = self.returncode is not None and self.reason is None
+            return "crashed" if crashed else "never_started"
         if self.returncode is not None:
             return "crashed"
-        if not self.began:
-            return "never_started"
         if self.interrupted:
             return "interrupted"
         if self.reason is not None or self.stopped_by_cancel:
@@ -249,17 +307,23 @@ class _ProcessJob(Job):
     def stopped_by_cancel(self) -> bool:
         if self.message is not None:  # it answered, maybe just before the kill landed
             return self.message[0] == wire.CANCELLED
-        return self.worker.killed
+        return self._worker is not None and self._worker.killed
 
     def return_worker(self) -> None:
-        """Hand the worker back, on, or away, once the call is over."""
+        """Hand the worker back, on, or away, once the call is done with it."""
         worker = self.worker
-        if not self.ended:  # the caller left before the job ended (the coroutine closed)
+        if self.returncode is not None:
+            pool.discard(worker)  # reaped already
+        elif self.withdrawn:
+            pool.settle(worker, self.job_id)  # it answers the pool when it has loaded it
+        elif not self.ended:  # the caller left before the job ended (the coroutine closed)
+            if not self.began and worker.withdraw():
+                # It never starts; run_process counts it never_started.
+                pool.settle(worker, self.job_id)
+                return
             pool.retire(worker, kill=True)
             self.move(self._ended_as())
             supervise.counters.count("processes", "killed")
-        elif self.returncode is not None:
-            pool.discard(worker)  # reaped already
         elif self.interrupted or worker.killed:
             pool.retire(worker, kill=worker.killed)  # an interrupt may leave it unwell
         else:
@@ -282,6 +346,7 @@ class _ProcessJob(Job):
         raise pickle.PicklingError(body.decode("utf-8", "replace"))
 
 
+_QUEUED: Final = JobState.QUEUED
 _RUNNING: Final = JobState.RUNNING
 _FINISHED: Final = JobState.FINISHED
 _DROPPED: Final = JobState.DROPPED

@@ -1,14 +1,22 @@
 """The wire format between the pool and its worker processes (standard library only).
 
-Three private pipes per worker, each written by one side and read by the other:
+Four private pipes per worker, each written by one side and read by the other:
 
-- jobs (parent -> worker main thread): ``JOB_HEADER`` then a pickled ``(func, args)``.
-  The first message on it is the worker's configuration (job id 0).
+- jobs (parent -> worker main thread): first the boot record (`boot_record`: the
+  parent's ``sys.path``, read by `BOOT` before the worker imports anything), then
+  messages of ``JOB_HEADER`` and a pickled ``(func, args)``. The first message is the
+  worker's configuration (job id 0).
 - control (parent -> worker listener thread): fixed ``CONTROL_HEADER`` records that
   cancel or interrupt one job, followed by the cancel reason. Its end of file tells a
   worker that its parent is gone.
 - results (worker -> parent): ``RESULT_HEADER`` then a payload whose meaning depends on
-  the tag byte: ``STARTED`` once the job's function begins, then one result.
+  the tag byte: ``READY`` once, when the worker has started; then per job ``STARTED``
+  once the job's function begins, then one result.
+- claims (parent -> worker, read by both): one byte per job, written before the job.
+  Whoever reads it first decides: the worker, just before the job's function begins
+  (it starts), or the parent, for a caller cancelled before that (it never will). A
+  pipe read is atomic, so exactly one side gets the byte, and neither waits for the
+  other.
 
 Every message names its job, so a late control record never touches a later job.
 """
@@ -16,6 +24,7 @@ Every message names its job, so a late control record never touches a later job.
 from __future__ import annotations
 
 import io
+import marshal
 import os
 import pickle
 import struct
@@ -38,11 +47,15 @@ RAISED: Final = 1  # payload: pickled (exception, remote traceback text)
 CANCELLED: Final = 2  # payload: the token's reason, UTF-8 (empty for None)
 LOAD_FAILED: Final = 3  # payload: UTF-8 message; the job could not be unpickled
 SEND_FAILED: Final = 4  # payload: UTF-8 message; the result or error could not be pickled
+RESULT_TAGS: Final = frozenset((RETURNED, RAISED, CANCELLED, LOAD_FAILED, SEND_FAILED))
 # Not a result: sent once per job, just before its function is called (empty payload).
 # A job cancelled before it began gets CANCELLED without STARTED. The parent counts
 # escalation timers from it, so a worker still starting or loading a job is never
 # interrupted or killed for it.
 STARTED: Final = 5
+# Not a result: sent once by a worker that has started (job id CONFIG_JOB_ID), before it
+# reads its first job (empty payload).
+READY: Final = 6
 
 # A cancel reason longer than this is cut, so a control record fits in one atomic write.
 MAX_REASON: Final = 1024
@@ -53,7 +66,35 @@ it says why on its stderr first."""
 
 CONFIG_JOB_ID: Final = 0  # the first message on the job pipe: the worker's configuration
 
-Config = dict[str, Any]  # sys_path, main_name, main_path (see _pool._config)
+Config = dict[str, Any]  # main_name, main_path (see _pool._config)
+
+BOOT: Final = """\
+import sys, marshal, posix  # built in: no file on any path can stand in for them
+def _take(n, fd=int(sys.argv[1])):
+    data = b""
+    while len(data) < n:
+        chunk = posix.read(fd, n - len(data))
+        if not chunk:
+            posix._exit(0)
+        data += chunk
+    return data
+sys.path[:] = marshal.loads(_take(int.from_bytes(_take(4), "big")))
+del _take
+from bridgecancel._process._child import main
+main()
+"""
+"""What a worker runs (``python -c BOOT <job> <control> <results> <claims>``).
+
+``python -c`` puts the working directory first on ``sys.path``. So the worker imports
+nothing before it has replaced the whole path with its parent's, read from the job pipe
+with built-in modules only: from its first import on, it imports only from there.
+"""
+
+
+def boot_record(path: list[str]) -> bytes:
+    """The first bytes on a worker's job pipe: the ``sys.path`` `BOOT` sets."""
+    data = marshal.dumps(path)
+    return len(data).to_bytes(4, "big") + data
 
 
 def dumps(obj: object) -> bytes:
