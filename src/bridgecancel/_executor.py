@@ -209,6 +209,13 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     ``map`` (whose early exit cancels the rest, which now tells running ones to stop)
     and ``with executor:`` behave as in the base class. The jobs are not counted in
     `statistics()`.
+
+    Args:
+        max_workers: the most threads it runs at once (None: the base class's default).
+        thread_name_prefix: the start of its threads' names.
+        initializer: called with `initargs` at the start of each worker thread; if it
+            raises, the pool is broken (``BrokenThreadPool``), as in the base class.
+        initargs: the arguments of `initializer`.
     """
 
     def __init__(
