@@ -8,7 +8,8 @@
    Linux), once both to one CPU and once to two: left to the scheduler, a pool thread
    lands beside its caller or on an idle CPU, whose wake-up costs more than the job
    (per-round figures then jump between about 25 and 100 us, for either executor).
-   Target: the median of per-round ratios <= 1.10x.
+   Beside them, a subclass whose ``submit`` only calls the base class's: the floor of
+   any executor that wraps its jobs. Target: the median of per-round ratios <= 1.10x.
 2. Cancel latency: a job waits in ``current_token().wait()``; once it is seen waiting,
    ``future.cancel()`` is called and the time runs until the job's wait has returned (in
    the job's thread). Beside it, the floor of any cross-thread wake-up: a thread waiting
@@ -42,6 +43,7 @@ import _harness as h
 AREA = "executor"
 OURS = "bridgecancel.ThreadPoolExecutor"
 STDLIB = "concurrent.futures.ThreadPoolExecutor"
+FLOOR = "a subclass whose submit() only calls the base class's"
 OVERHEAD_TARGET = 1.10
 LATENCY_TARGET_MS = 1.0
 PATIENCE_S = 10.0  # no sample waits longer than this for its job
@@ -64,6 +66,15 @@ FULL = Config(overhead_rounds=600, overhead_calls=50, latency_rounds=20, latency
 
 def _noop() -> None:
     return None
+
+
+class _PassThrough(concurrent.futures.ThreadPoolExecutor):
+    """The floor of any executor that wraps its jobs: a Python-level ``submit``."""
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        return super().submit(fn, *args, **kwargs)
 
 
 def _per_call(pool: concurrent.futures.ThreadPoolExecutor, calls: int) -> float:
@@ -97,6 +108,7 @@ def bench_overhead(cfg: Config, where: tuple[int, int] | None) -> dict[str, list
     pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {
         OURS: bridgecancel.ThreadPoolExecutor(1, **pin),
         STDLIB: concurrent.futures.ThreadPoolExecutor(1, **pin),
+        FLOOR: _PassThrough(1, **pin),
     }
     try:
         for pool in pools.values():  # start the thread, warm the caches
