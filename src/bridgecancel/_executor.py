@@ -70,9 +70,9 @@ class _Job:
     before it looks at the other's field, so at least one of them fires the token. (The
     same goes for `_Jobs.stopping` and `_Jobs.running`.)
 
-    Made in ``submit`` before the base class queues the call, so it holds as little as
-    can be: the call itself travels in the base class's work item, which drops it after
-    the run.
+    The job outlives its run (its future keeps it, for ``cancel()``), so it never holds
+    the call: that travels in the base class's work item, which drops it after the run,
+    as for the base class's own jobs.
     """
 
     __slots__ = ("ended", "jobs", "reason", "source")
@@ -241,8 +241,6 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
         Raises:
             RuntimeError: after ``shutdown()``, as the base class does.
         """
-        # As little as can be before the base class queues the call: the worker that
-        # ran the previous job is still finishing it, on the same interpreter lock.
         job = _Job(self._bridgecancel_jobs)
         future = super().submit(job.run, fn, args, kwargs)
         future._bridgecancel_job = job  # type: ignore[attr-defined]
