@@ -18,6 +18,7 @@ STDLIB_ONLY = {
     "_tokens",
     "_timer",
     "_interrupt",
+    "_executor",
     "blocking",
     "blocking._common",
     "blocking._condition",

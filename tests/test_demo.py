@@ -38,12 +38,16 @@ OTHER_ROWS = {
         "anyio.to_thread.run_sync, no middleware",
     ),
     "dask: task waiting on its token": ("token fired", "Future.cancel()"),
+    "executor: awaiting task cancelled": (
+        "bridgecancel.ThreadPoolExecutor: thread stopped after",
+        "concurrent.futures.ThreadPoolExecutor: caller back in",
+    ),
 }
 ANCHORS = {
     "asyncio": ("asyncio.to_thread", "anyio.to_process.run_sync"),
     "trio": ("anyio.to_thread.run_sync", "anyio.to_process.run_sync"),
 }
-PROGRESS_NAMES = [*EXPECTED, "web disconnect", "cluster cancel"]
+PROGRESS_NAMES = [*EXPECTED, "web disconnect", "cluster cancel", "executor cancel"]
 PROMPT = 2.0  # generous bound, in seconds, for "stopped promptly" on a shared machine
 WIDTH = 100  # columns: the demo's output must read in a terminal that wide
 CELL_INDENT = len("  bridgecancel  ")  # where a wrapped value goes on

@@ -1,8 +1,9 @@
 """Cancel blocking work in threads and processes from async cancel scopes.
 
 The token names are loaded at once (standard library only, so worker processes and code
-that only uses tokens start fast); the names backed by anyio are loaded the first time
-they are used (PEP 562).
+that only uses tokens start fast); the names backed by anyio, and `ThreadPoolExecutor`
+(which loads ``concurrent.futures`` and ``logging``), are loaded the first time they are
+used (PEP 562).
 """
 
 import typing as _typing
@@ -20,6 +21,7 @@ from ._tokens import shield as shield
 from ._tokens import use_token as use_token
 
 if _typing.TYPE_CHECKING:
+    from ._executor import ThreadPoolExecutor as ThreadPoolExecutor
     from ._process._run import current_default_process_limiter as current_default_process_limiter
     from ._process._run import run_process as run_process
     from ._scopes import cancel_on as cancel_on
@@ -40,6 +42,7 @@ __all__ = (
     "Registration",
     "RemoteTraceback",
     "Statistics",
+    "ThreadPoolExecutor",
     "any_of",
     "cancel_on",
     "check_cancelled",
@@ -63,6 +66,7 @@ _LAZY: dict[str, str] = {
     "JobStatistics": "._supervise",
     "statistics": "._supervise",
     "run_sync": "._threads",
+    "ThreadPoolExecutor": "._executor",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Final
 from . import _work
 from ._common import Comparison
 from .cluster import cluster_cancel
+from .executor import executor_cancel
 from .web import web_disconnect
 
 __all__ = ("CASES", "ROW_KEYS", "Case", "describe")
@@ -40,6 +41,7 @@ CASES: Final[list[Case]] = [
     ),
     web_disconnect,
     cluster_cancel,
+    executor_cancel,
 ]
 
 
