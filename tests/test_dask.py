@@ -47,7 +47,7 @@ from distributed import LocalCluster
 if __name__ == "__main__":
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as cluster:
         print(cluster.scheduler_address, flush=True)
         sys.stdin.read()  # until the test closes our stdin

@@ -340,7 +340,9 @@ SLOW_START_SITE = textwrap.dedent(
     """
     import os, sys, time
     if "-c" in sys.orig_argv:
-        while not os.path.exists(os.environ["TEST_WORKER_GATE"]):
+        gate = os.environ["TEST_WORKER_GATE"]
+        open(gate + ".starting", "w").close()  # the parent cancels its caller now
+        while not os.path.exists(gate):
             time.sleep(0.002)
     """
 )
@@ -358,11 +360,19 @@ COLD_CANCEL_SCRIPT = textwrap.dedent(
     safety = threading.Timer(float(sys.argv[3]), h.mark, (gate,))
     safety.start()
 
+    async def cancel_while_starting(scope, cancelled_at):
+        while not os.path.exists(gate + ".starting"):  # the worker is being started
+            await anyio.sleep(0.001)
+        cancelled_at.append(anyio.current_time())
+        scope.cancel()
+
     async def main():
-        with anyio.move_on_after(0.005) as scope:  # cancelled 5 ms in: still spawning
-            deadline = scope.deadline
-            await run_process(h.mark, marker)
-        freed = anyio.current_time() - deadline
+        cancelled_at = []
+        with anyio.CancelScope() as scope:  # cancelled while its worker still starts
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_while_starting, scope, cancelled_at)
+                await run_process(h.mark, marker)
+        freed = anyio.current_time() - cancelled_at[0]
         h.mark(gate)  # the worker may finish starting now
         with anyio.fail_after(30):
             while not idle_worker_pids():  # it joins the pool
@@ -385,8 +395,10 @@ COLD_CANCEL_SCRIPT = textwrap.dedent(
 def test_a_job_cancelled_while_its_worker_starts_frees_the_caller_at_once(
     tmp_path: Path, anyio_backend: str
 ) -> None:
-    """A cold call, cancelled 5 ms in while its worker still starts: the caller leaves
-    at once; the job never runs; the worker finishes starting and joins the pool."""
+    """A cold call, cancelled while its worker still starts (the issue's "5 ms in", made
+    certain on a loaded machine by cancelling once the worker has begun starting): the
+    caller leaves at once; the job never runs; the worker finishes starting and joins the
+    pool."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_START_SITE)

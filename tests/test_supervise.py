@@ -488,7 +488,9 @@ def test_plain_asyncio_bare_task_cancel_is_never_lost_when_the_call_is_the_last_
 
     task = asyncio.run(main())
     assert task.cancelled()
-    with pytest.raises(asyncio.CancelledError, match="shutting down"):
+    # asyncio itself keeps the message on the task only from 3.11 (3.10's Task drops it).
+    message = "shutting down" if sys.version_info >= (3, 11) else None
+    with pytest.raises(asyncio.CancelledError, match=message):
         task.result()
 
 

@@ -108,7 +108,9 @@ def test_signal_storm_cancelling_tokens_in_use_never_hangs(backend: str) -> None
     handled, max_depth, cancelled = (int(n) for n in result.stdout.split())
     assert handled >= SIGNALS
     assert cancelled > 0  # the handler did hit sources in use
-    assert max_depth < 20  # handlers return at once, so they rarely nest at all
+    # Handlers return at once, so they rarely nest; 20,000 signals that nested would go
+    # thousands deep. A loaded machine (CI runs suites side by side) allows some more.
+    assert max_depth < 100
 
 
 class _Interrupted(Exception):

@@ -56,7 +56,7 @@ def start_local_cluster(workers: int = 1) -> tuple[Any, distributed.Client]:
     dist: Any = importlib.import_module("distributed")  # untyped constructors
     cluster = dist.LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True,
-        host="127.0.0.1", dashboard_address=None,
+        host="127.0.0.1", dashboard_address=":0",  # a free port: runs side by side never meet
     )
     return cluster, dist.Client(cluster)
 

@@ -345,7 +345,11 @@ class WorkerProcess:
             claim_r, claim_w = _pipe(fds)
             os.set_blocking(claim_r, False)  # both sides: a claim is taken at once or never
             child_ends = (job_r, ctl_r, res_w, claim_r)
-            args = [sys.executable, "-c", wire.BOOT, *map(str, child_ends)]
+            # -P (3.11+): the working directory is never put on sys.path, not even for
+            # what the interpreter imports before BOOT runs (3.13 imports traceback and
+            # linecache there); on 3.10, BOOT replaces the path before its first import.
+            safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+            args = [sys.executable, *safe_path, "-c", wire.BOOT, *map(str, child_ends)]
             if sys.version_info >= (3, 11):
                 proc = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, pass_fds=child_ends, process_group=0
