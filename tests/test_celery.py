@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -646,6 +647,28 @@ def test_the_solo_pool_and_a_worker_that_dies(redis_url: str, tmp_path: Path) ->
     finally:
         worker.process.kill()
         worker.process.wait()
+
+
+@pytest.mark.slow
+def test_the_example_runs(redis_url: str) -> None:
+    # Its worker consumes Celery's default queue: a database of its own per Python (the
+    # suites on other Pythons may share this Redis server), so no other run's worker
+    # takes its tasks.
+    url = redis_url.rsplit("/", 1)[0] + f"/{sys.version_info.minor % 16}"
+    source = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "celery_cancel.py"), "trio"],
+        env={**os.environ, "REDIS_URL": url, "PYTHONPATH": source},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "cancelled: True, back after" in out
+    assert "the queued call is back at once (cancelled: True)" in out
+    assert "its pool process was killed" in out
+    assert "the task's error arrives as itself: ValueError('bad input on the worker')" in out
+    assert "killed=1" in out
+    assert re.search(r"never_started=[1-9]", out)  # the queued call (more, on a slow box)
 
 
 @pytest.mark.slow
