@@ -34,8 +34,9 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, NoReturn
 
 import anyio
 import anyio.to_thread
@@ -560,17 +561,31 @@ def _check_call(signature: object, kill_after: object) -> Wiring:
             "bridgecancel.celery.install(app) where the app is defined, so that its "
             "workers are wired too"
         )
-    if not app.conf.result_backend:
-        raise RuntimeError(
-            f"the Celery app {app.main or app!r} has no result backend, so a task's "
-            "result cannot come back: set result_backend (Redis, say)"
-        )
-    if sig.options.get("ignore_result") or _ignores_result(sig):
-        raise TypeError(
-            f"task {sig.task} ignores its result (ignore_result=True), so run_on_celery() "
-            "could never return: set ignore_result=False for it"
-        )
+    checked = _checked.setdefault(app, set())
+    name = sig.task
+    if name not in checked:  # what the app and the task say, once per task
+        if not app.conf.result_backend:
+            raise RuntimeError(
+                f"the Celery app {app.main or app!r} has no result backend, so a task's "
+                "result cannot come back: set result_backend (Redis, say)"
+            )
+        if _ignores_result(sig):
+            _refuse_ignored_result(name)
+        checked.add(name)
+    if sig.options.get("ignore_result"):
+        _refuse_ignored_result(name)
     return wiring
+
+
+# The task names whose app and class `_check_call` has checked, per app.
+_checked: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _refuse_ignored_result(name: str) -> NoReturn:
+    raise TypeError(
+        f"task {name} ignores its result (ignore_result=True), so run_on_celery() could "
+        "never return: set ignore_result=False for it"
+    )
 
 
 def _ignores_result(sig: Any) -> bool:
