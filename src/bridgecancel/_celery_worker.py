@@ -178,14 +178,18 @@ class Wiring:
         return self._url
 
     def _here(self) -> None:
-        """Forget a parent's connection and listener (and its lock, which a thread of
-        the parent may have held when it forked)."""
-        if self._pid != os.getpid():
-            self._lock = threading.Lock()
-            self._client = None
-            self._scripts = {}
-            self._listener = None
-            self._pid = os.getpid()
+        """In a new process (a forked pool process, or the first use), forget a parent's
+        connection and listener, and its lock, which a thread of the parent may have
+        held when it forked."""
+        pid = os.getpid()
+        if self._pid != pid:
+            with _process_lock:
+                if self._pid != pid:
+                    self._lock = threading.Lock()
+                    self._client = None
+                    self._scripts = {}
+                    self._listener = None
+                    self._pid = pid
 
     def client(self) -> redis.Redis:
         """This process's Redis client (a thread-safe connection pool)."""
@@ -195,7 +199,12 @@ class Wiring:
             with self._lock:
                 client = self._client
                 if client is None:
-                    client = redis.Redis.from_url(self.url)
+                    # Options in the URL win over these: a Redis that does not answer
+                    # must not hang a claim or a cancel for ever.
+                    client = redis.Redis.from_url(
+                        self.url, socket_connect_timeout=5, socket_timeout=30,
+                        health_check_interval=30,
+                    )
                     self._scripts = {
                         name: client.register_script(text)
                         for name, text in (
@@ -212,8 +221,9 @@ class Wiring:
         self.client()
         return self._scripts[name]
 
-    def listener(self) -> _Listener:
-        """This process's listener, started (and subscribed) on first use."""
+    def listener(self, patience: float = 30.0) -> _Listener:
+        """This process's listener, started (and subscribed, within `patience` seconds)
+        on first use."""
         self._here()
         listener = self._listener
         if listener is None:
@@ -221,7 +231,7 @@ class Wiring:
             with self._lock:
                 listener = self._listener
                 if listener is None:
-                    listener = self._listener = _Listener(client)
+                    listener = self._listener = _Listener(client, patience)
         return listener
 
     def stop_listener(self) -> None:
@@ -233,6 +243,7 @@ class Wiring:
 
 _wirings: weakref.WeakKeyDictionary[celery.Celery, Wiring] = weakref.WeakKeyDictionary()
 _wirings_lock = threading.Lock()
+_process_lock = threading.Lock()  # made anew in a forked child (see `_Registry.forget`)
 
 
 def wiring_for(app: celery.Celery) -> Wiring | None:
@@ -289,7 +300,7 @@ class _Listener:
     while it was reconnecting is not lost) and renews their claims.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, patience: float) -> None:
         self.channel = _CHANNEL_PREFIX + uuid.uuid4().hex
         self._client = client
         self._stopping = threading.Event()
@@ -297,9 +308,9 @@ class _Listener:
         self._pubsub.subscribe(self.channel)
         # Confirmed before any claim names the channel (the claim travels on another
         # connection): a cancel published after a claim is always heard.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + patience
         while True:
-            message = self._pubsub.get_message(timeout=1.0)
+            message = self._pubsub.get_message(timeout=min(1.0, patience))
             if message is not None and message["type"] == "subscribe":
                 break
             if time.monotonic() > deadline:
@@ -445,10 +456,13 @@ class _Registry:
             )
 
     def forget(self) -> None:
-        """In a forked child: the parent's tasks are not running here."""
+        """In a forked child: the parent's tasks are not running here, and no lock of
+        this module is held."""
+        global _process_lock
         self.lock = threading.Lock()
         self._entries = {}
         self.killable = False
+        _process_lock = threading.Lock()
 
 
 registry: Final = _Registry()
@@ -591,11 +605,12 @@ def _store_stopped(task: Any, reason: str | None) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
-    """A prefork pool process: it runs one task at a time, so it may be killed for one."""
+    """A prefork pool process: it runs one task at a time, so it may be killed for one.
+    Its listener starts now, within Celery's 4 s for a pool process to start."""
     registry.killable = True
     for wiring in list(_wirings.values()):
         try:
-            wiring.listener()
+            wiring.listener(patience=2.0)
         except Exception:  # the first task will try again, and say why
             logger.exception("bridgecancel: could not start the Celery listener")
 

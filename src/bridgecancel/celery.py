@@ -283,7 +283,8 @@ class _CeleryJob(Job):
                     timeout=_CHECK_INTERVAL, propagate=False, disable_sync_subtasks=False
                 )
             except celery.exceptions.TimeoutError:
-                if self.state is JobState.DROPPED:
+                if self.state is JobState.DROPPED:  # and marking it revoked failed
+                    _stop_waiting(result)
                     return None
                 gone = gone + 1 if self._process_gone() else 0
                 if gone >= _GONE_CHECKS:
