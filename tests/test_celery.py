@@ -677,6 +677,26 @@ def test_the_example_runs(redis_url: str) -> None:
     assert re.search(r"never_started=[1-9]", out)  # the queued call (more, on a slow box)
 
 
+def test_demo_row_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without a redis-server (or without Celery), the demo's row says so and runs nothing.
+    import importlib.util
+
+    from bridgecancel._demo import celery_case
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    row = anyio.run(celery_case.celery_cancel, "asyncio")
+    assert row["bridgecancel"] == row["anchor"] == (
+        "not run: no redis-server found (apt-get install redis-server)"
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name: None if name == "celery" else real_find_spec(name),
+    )
+    row = anyio.run(celery_case.celery_cancel, "trio", backend="trio")
+    assert row["bridgecancel"].startswith("not run: install Celery")
+
+
 @pytest.mark.slow
 def test_demo_row(workers: dict[str, Worker]) -> None:
     # In a child process: the demo starts (and stops) a Redis server and a worker of its own.
