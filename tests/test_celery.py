@@ -279,6 +279,27 @@ async def test_the_token_carries_the_caller_s_deadline(pool: str) -> None:
     assert 10 < remaining <= 20  # informative: only the caller's cancel fires the token
 
 
+@pytest.mark.slow
+async def test_a_deadline_pushed_back_never_stops_the_task(workers: dict[str, Worker]) -> None:
+    """Only the caller's cancellation fires the token, never the deadline it had at the
+    start."""
+    queue = workers["threads"].queue
+    async with reports() as lines:
+        with anyio.CancelScope(deadline=anyio.current_time() + 1) as scope:
+            async with anyio.create_task_group() as group:
+
+                async def push_back_then_cancel() -> None:
+                    await lines.next()
+                    scope.deadline += 30
+                    await anyio.sleep(1.5)  # past the first deadline
+                    scope.cancel()
+
+                group.start_soon(push_back_then_cancel)
+                await run_on_celery(tasks.wait_for_cancel.s(lines.port).set(queue=queue))
+        stopped, _ = await lines.next()
+    assert float(_fields(stopped)["after"]) >= 1.4  # by the explicit cancel, not at 1 s
+
+
 async def test_the_caller_s_cancel_reaches_the_token_with_its_reason(pool: str) -> None:
     before = _stats()
     async with reports() as lines, anyio.create_task_group() as group:
