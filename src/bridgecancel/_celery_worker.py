@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "HEADER",
+    "KILLED_MARK",
     "STOP_MARK",
     "STOP_SECONDS",
     "Wiring",
@@ -69,6 +70,9 @@ HEADER: Final = "bridgecancel"
 
 STOP_MARK: Final = "bridgecancel: "
 """How the reason of a ``REVOKED`` result stored for a cancelled call begins."""
+
+KILLED_MARK: Final = STOP_MARK + "killed: "
+"""How it begins when ``kill_after`` killed the pool process running the task."""
 
 _KEY_PREFIX: Final = "bridgecancel:celery:"
 _CHANNEL_PREFIX: Final = "bridgecancel:celery:process:"
@@ -384,17 +388,19 @@ def fire_message(task_id: str, reason: str) -> str:
 
 
 class _Entry:
-    """A call whose task runs in this process: its source, its claim, the verdict."""
+    """A call whose task runs in this process: the task and its request, its source, its
+    claim, the verdict."""
 
-    __slots__ = ("run", "source", "verdict", "reason", "reset", "wrapped")
+    __slots__ = ("request", "run", "source", "task", "verdict", "reason", "wrapped")
 
-    def __init__(self, source: CancelSource, run: str, wrapped: bool) -> None:
+    def __init__(self, task: Any, source: CancelSource, run: str, wrapped: bool) -> None:
+        self.task = task
+        self.request = task.request
         self.source = source
         self.run = run
         self.wrapped = wrapped  # the task's class routes through our __call__
         self.verdict = "run"
         self.reason = ""
-        self.reset: Any = None
 
 
 class _Registry:
@@ -445,6 +451,7 @@ class _Registry:
                     "bridgecancel: killing Celery pool process %d, still running task %s "
                     "after its caller's kill_after", os.getpid(), task_id,
                 )
+                _record_killed(task_id, entry)
                 os.kill(os.getpid(), signal.SIGKILL)  # under the lock: the task is still here
             warn = not self._warned_unkillable
             self._warned_unkillable = True
@@ -467,6 +474,17 @@ class _Registry:
 
 registry: Final = _Registry()
 os.register_at_fork(after_in_child=registry.forget)
+
+
+def _record_killed(task_id: str, entry: _Entry) -> None:
+    """Record the call as killed (``REVOKED``) before the kill, so that its caller hears
+    of it at once: Celery's worker may take seconds to notice a pool process gone (it then
+    records ``WorkerLostError`` over it)."""
+    try:
+        reason = KILLED_MARK + (entry.source.token.reason or "cancelled")
+        entry.task.backend.mark_as_revoked(task_id, reason, request=entry.request)
+    except Exception as exc:  # the caller will hear of it from Celery, later
+        logger.warning("bridgecancel: could not record task %s as killed: %s", task_id, exc)
 
 
 # -- the hooks -----------------------------------------------------------------------------
@@ -513,7 +531,7 @@ def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
             "(app.Task), so its token never fires and a cancelled call may still start; "
             "derive its base class from app.Task", task.name,
         )
-    entry = _Entry(_job_source(header), "", wrapped)
+    entry = _Entry(task, _job_source(header), "", wrapped)
     try:
         entry.run = _run_value(task, wiring)
         registry.add(task_id, entry)

@@ -64,6 +64,7 @@ from . import _supervise as supervise
 from ._backend import caller_deadline, threadsafe_caller
 from ._celery_worker import (
     HEADER,
+    KILLED_MARK,
     STOP_MARK,
     STOP_SECONDS,
     Wiring,
@@ -81,6 +82,9 @@ from ._util import check_seconds
 # after how many checks in a row that found it gone the call fails.
 _CHECK_INTERVAL: Final = 2.0
 _GONE_CHECKS: Final = 3
+
+# How long a call whose task was killed waits for its pool process to be gone.
+_KILL_PATIENCE: Final = 30.0
 
 # Calls waiting for their results at once, per event loop: each waits in a thread.
 _WAITERS: Final = 1000
@@ -293,7 +297,26 @@ class _CeleryJob(Job):
                 continue
             except Exception as exc:  # the result backend failed
                 return "wait_error", exc
+            if isinstance(value, BaseException) and str(value).startswith(KILLED_MARK):
+                self._wait_until_gone()  # recorded just before the kill: wait for the kill
             return "result", (result.state, value, result.traceback)
+
+    def _wait_until_gone(self) -> None:
+        """Wait until the pool process running the task no longer listens on Redis: its
+        sockets close when its last thread has exited."""
+        deadline = time.monotonic() + _KILL_PATIENCE
+        while time.monotonic() < deadline:
+            try:
+                client = self.wiring.client()
+                run = _text(client.hget(task_key(self.task_id), "run"))
+                if run is None:
+                    return
+                numsub: Any = client.pubsub_numsub(run.split(" ", 1)[1])
+                if int(numsub[0][1]) == 0:
+                    return
+            except redis.RedisError:
+                return
+            time.sleep(0.005)
 
     def _end(self, kind: str, data: Any) -> None:
         """Hand the outcome to the caller awaiting this thread, or post it to its loop."""
@@ -428,6 +451,8 @@ class _CeleryJob(Job):
             return "crashed"
         if self._worker_lost() is not None:
             return "killed" if self._kill_sent else "crashed"
+        if self._stopped_by_cancel_here(KILLED_MARK):
+            return "killed"
         if self.reason is not None:
             return "cooperative"
         return "completed"
@@ -439,14 +464,15 @@ class _CeleryJob(Job):
             return lost
         return None
 
-    def _stopped_by_cancel_here(self) -> bool:
+    def _stopped_by_cancel_here(self, mark: str = STOP_MARK) -> bool:
+        """The task recorded that a cancel stopped it (`KILLED_MARK`: a kill did)."""
         if self._result is None:
             return False
         state, value, _ = self._result
         return (
             state == celery.states.REVOKED
             and isinstance(value, celery.exceptions.TaskRevokedError)
-            and str(value).startswith(STOP_MARK)
+            and str(value).startswith(mark)
         )
 
     @property
