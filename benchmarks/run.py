@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-AREAS = ("threads", "processes", "blocking", "token", "executor", "web", "dask")
+AREAS = ("threads", "processes", "blocking", "token", "executor", "web", "dask", "celery")
 
 
 def _make_importable() -> None:

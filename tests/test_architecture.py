@@ -42,7 +42,12 @@ CPYTHON_INTERNALS = {
     "not_empty",
     "not_full",
 }
-THIRD_PARTY = ("anyio", "trio", "sniffio", "pytest", "dask", "distributed")
+THIRD_PARTY = (
+    "anyio", "trio", "sniffio", "pytest", "dask", "distributed", "celery", "kombu", "billiard",
+    "redis",
+)
+# The anyio side: what the worker's side of a cluster or Celery adapter must not need.
+ANYIO_SIDE = {"_backend", "_scopes", "_supervise", "_threads", "_process._run", "_process._pool"}
 
 
 def _modules() -> dict[str, tuple[ast.Module, list[str]]]:
@@ -344,6 +349,31 @@ def test_only_the_django_module_imports_django() -> None:
         if imported.split(".")[0] == "django"
     }
     assert importers == {"django"}
+
+
+def test_only_the_celery_modules_import_celery_and_redis() -> None:
+    # Celery with its kombu and billiard, and the Redis client: the adapter, its worker's
+    # side (which the pool processes load without the caller's side), and the demo's app.
+    importers = {
+        name
+        for name in MODULES
+        for imported in _imports(name)
+        if imported.split(".")[0] in ("celery", "kombu", "billiard", "redis")
+    }
+    assert importers == {"celery", "_celery_worker", "_demo.celery_app"}
+
+
+@pytest.mark.parametrize("name", ["_dask_cluster", "_celery_worker"])
+def test_the_worker_side_of_an_adapter_needs_no_anyio(name: str) -> None:
+    # Dask's workers and Celery's pool processes run tasks in threads of their own: the
+    # modules they load for bridgecancel need neither anyio nor the supervisor.
+    closure = _closure(name)
+    assert not closure & ANYIO_SIDE, f"{name} loads {sorted(closure & ANYIO_SIDE)}"
+    for module in closure - {name}:
+        assert module in STDLIB_ONLY, f"{name} loads {module}"
+    if name == "_celery_worker":  # (`_dask_cluster` also holds the caller's ensure_plugins)
+        for imported in _imports(name):
+            assert not imported.startswith(("anyio", "trio")), f"{name} imports {imported}"
 
 
 def test_the_packages_a_worker_may_load_are_empty() -> None:

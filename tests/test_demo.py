@@ -31,7 +31,7 @@ EXPECTED = {
     "process: ignores its token": "interrupted",
     "process: ignores token and interrupt": "killed",
 }
-# The web and cluster rows say what stopped rather than an outcome counter.
+# The web, cluster and Celery rows say what stopped rather than an outcome counter.
 OTHER_ROWS = {
     "web: client leaves mid-request": (
         "CancelOnDisconnectMiddleware + run_sync: thread stopped",
@@ -42,12 +42,13 @@ OTHER_ROWS = {
         "bridgecancel.ThreadPoolExecutor: thread stopped after",
         "concurrent.futures.ThreadPoolExecutor: caller back in",
     ),
+    "celery: task waiting on its token": ("token fired", "revoke()"),
 }
 ANCHORS = {
     "asyncio": ("asyncio.to_thread", "anyio.to_process.run_sync"),
     "trio": ("anyio.to_thread.run_sync", "anyio.to_process.run_sync"),
 }
-PROGRESS_NAMES = [*EXPECTED, "web disconnect", "cluster cancel", "executor cancel"]
+PROGRESS_NAMES = [*EXPECTED, "web disconnect", "cluster cancel", "executor cancel", "celery cancel"]
 PROMPT = 2.0  # generous bound, in seconds, for "stopped promptly" on a shared machine
 WIDTH = 100  # columns: the demo's output must read in a terminal that wide
 CELL_INDENT = len("  bridgecancel  ")  # where a wrapped value goes on

@@ -73,6 +73,11 @@ def test_statistics_is_a_frozen_record() -> None:
     assert isinstance(stats.threads, JobStatistics)
     assert isinstance(stats.processes, JobStatistics)
     assert [f.name for f in dataclasses.fields(JobStatistics)] == [*OUTCOMES, "running"]
+    # One record per kind of job: threads, processes, Dask and Celery calls.
+    assert [f.name for f in dataclasses.fields(Statistics)] == [
+        "threads", "processes", "cluster", "celery"
+    ]
+    assert all(isinstance(getattr(stats, f.name), JobStatistics) for f in dataclasses.fields(stats))
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.threads = stats.processes  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -2,8 +2,8 @@
 wait, deliver, count.
 
 A kind of job (a thread's in `_threads`, a process's in `_process._run`, a cluster call's in
-`dask`) is a `Job`: how to fire its token, wait for it, interrupt it and kill it, and what
-it produced. This module owns what happens around it:
+`dask`, a Celery call's in `celery`) is a `Job`: how to fire its token, wait for it,
+interrupt it and kill it, and what it produced. This module owns what happens around it:
 
 1. When the caller is cancelled, the job's token fires at once, from the event loop
    thread but without running user callbacks there (`Job.fire` is detached).
@@ -87,10 +87,12 @@ Outcome = Literal[
 ]
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 
-JobKind = Literal["threads", "processes", "cluster"]
+JobKind = Literal["threads", "processes", "cluster", "celery"]
 """What ran a job, as `Statistics` files it."""
 
-_SINGULAR: Final = {"threads": "thread", "processes": "process", "cluster": "cluster"}
+_SINGULAR: Final = {
+    "threads": "thread", "processes": "process", "cluster": "cluster", "celery": "celery"
+}
 
 logger: Final = logging.getLogger("bridgecancel")
 
@@ -105,15 +107,16 @@ class JobStatistics:
         cooperative: cancelled jobs whose worker stopped by itself (it raised
             `Cancelled` or returned after the token fired).
         interrupted: jobs stopped by raising `Cancelled` inside the worker.
-        killed: process jobs whose worker was killed.
+        killed: process jobs whose worker was killed, and Celery calls whose pool
+            process was (``kill_after``).
         abandoned: cancelled jobs left running (``abandon_on_cancel=True``), counted
             when the caller leaves them.
-        crashed: process and cluster jobs whose worker died by itself
+        crashed: process, cluster and Celery jobs whose worker died by itself
             (`BrokenWorkerError`).
         never_started: jobs cancelled before their function began, which then never ran
             (they cost their worker nothing).
-        running: jobs whose function is running in a worker right now (for the cluster:
-            calls handed to it that have not ended).
+        running: jobs whose function is running in a worker right now (for the cluster
+            and Celery: calls handed to it that have not ended).
     """
 
     completed: int
@@ -134,6 +137,8 @@ class Statistics:
     processes: JobStatistics
     cluster: JobStatistics
     """Calls made with `bridgecancel.dask.run_on_cluster`."""
+    celery: JobStatistics
+    """Calls made with `bridgecancel.celery.run_on_celery`."""
 
 
 class _Counters:
@@ -187,7 +192,8 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows onl
 
 
 def statistics() -> Statistics:
-    """Return a frozen record of how thread, process and cluster jobs have ended so far."""
+    """Return a frozen record of how thread, process, cluster and Celery jobs have ended so
+    far."""
     return counters.snapshot()
 
 
@@ -207,10 +213,10 @@ def _log_cancelled(kind: JobKind, outcome: Outcome, func: object, reason: str | 
 
 class JobState(enum.Enum):
     """Where a job is in its life. It moves only forward:
-    ``QUEUED -> RUNNING -> FINISHED``, or ``QUEUED -> DROPPED``; a cluster call is
-    ``RUNNING`` from the moment the cluster has it, and ``DROPPED`` from there if its task
-    never started. ``ABANDONED`` is where its caller leaves it (``abandon_on_cancel``),
-    from any state: its worker's later moves are ignored."""
+    ``QUEUED -> RUNNING -> FINISHED``, or ``QUEUED -> DROPPED``; a cluster or Celery call
+    is ``RUNNING`` from the moment the cluster or Celery has it, and ``DROPPED`` from there
+    if its task never started. ``ABANDONED`` is where its caller leaves it
+    (``abandon_on_cancel``), from any state: its worker's later moves are ignored."""
 
     QUEUED = "queued"
     """Waiting for a worker: its function has not begun."""

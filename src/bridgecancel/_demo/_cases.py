@@ -12,6 +12,7 @@ from typing import Final
 
 from . import _work
 from ._common import Comparison
+from .celery_case import celery_cancel
 from .cluster import cluster_cancel
 from .executor import executor_cancel
 from .web import web_disconnect
@@ -42,6 +43,7 @@ CASES: Final[list[Case]] = [
     web_disconnect,
     cluster_cancel,
     executor_cancel,
+    celery_cancel,
 ]
 
 
