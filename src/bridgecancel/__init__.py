@@ -20,6 +20,7 @@ from ._tokens import shield as shield
 from ._tokens import use_token as use_token
 
 if _typing.TYPE_CHECKING:
+    from ._iterate import iterate as iterate
     from ._process._run import current_default_process_limiter as current_default_process_limiter
     from ._process._run import run_process as run_process
     from ._scopes import cancel_on as cancel_on
@@ -45,6 +46,7 @@ __all__ = (
     "check_cancelled",
     "current_default_process_limiter",
     "current_token",
+    "iterate",
     "open_token",
     "run_process",
     "run_sync",
@@ -63,6 +65,7 @@ _LAZY: dict[str, str] = {
     "JobStatistics": "._supervise",
     "statistics": "._supervise",
     "run_sync": "._threads",
+    "iterate": "._iterate",
 }
 
 
