@@ -1,7 +1,7 @@
 """What differs between asyncio and trio, in one place: which backend runs the caller,
 its deadline in `time.monotonic` terms, calling into its loop from any thread, the cheap
-trio-only routes (trio's own cancel scopes, system tasks, parking a task), and plain
-asyncio's cancellation requests.
+trio-only routes (trio's own cancel scopes, system tasks, parking a task), hearing that a
+task has ended, and plain asyncio's cancellation requests.
 
 Only anyio's public API is used, and trio's own public API where a trio-only route is
 needed; trio is never imported here (it is read from ``sys.modules`` once a trio task is
