@@ -24,12 +24,21 @@ import inspect
 import math
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    MutableMapping,
+)
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, overload
 
 import anyio
 
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
+from ._iterate import generator_function
 from ._threads import run_sync
 from ._util import check_seconds
 
@@ -339,6 +348,24 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
+class _Decorator(Protocol):
+    """What ``threaded(limiter=..., interrupt_after=...)`` returns."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, func: Callable[_P, Iterator[_T]], /
+    ) -> Callable[_P, AsyncGenerator[_T, None]]: ...
+
+    @overload
+    def __call__(self, func: Callable[_P, _T], /) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
+
+
+@overload
+def threaded(  # type: ignore[overload-overlap]
+    func: Callable[_P, Iterator[_T]], /
+) -> Callable[_P, AsyncGenerator[_T, None]]: ...
+
+
 @overload
 def threaded(func: Callable[_P, _T], /) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
 
@@ -348,19 +375,16 @@ def threaded(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]: ...
+) -> _Decorator: ...
 
 
 def threaded(
-    func: Callable[_P, _T] | None = None,
+    func: Callable[..., Any] | None = None,
     /,
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> (
-    Callable[_P, Coroutine[Any, Any, _T]]
-    | Callable[[Callable[_P, _T]], Callable[_P, Coroutine[Any, Any, _T]]]
-):
+) -> Any:
     """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
 
     For web frameworks that run a plain ``def`` endpoint or dependency in
@@ -368,19 +392,26 @@ def threaded(
     stop): decorated, it runs in a worker thread whose `current_token()` fires when the
     request is cancelled (for instance by `CancelOnDisconnectMiddleware`).
 
+    A generator function becomes an async generator function that runs the generator
+    through `bridgecancel.iterate`: each step in a worker thread, under one token for the
+    whole iteration, and its ``finally`` in a worker too. FastAPI streams a generator
+    endpoint's items (``response_class=StreamingResponse``, JSON Lines, server-sent
+    events); as a ``yield`` dependency, its ``except`` blocks still see the endpoint's
+    error, thrown into the generator in a worker thread.
+
     The wrapper keeps the function's name, docstring and signature (with string
     annotations evaluated where possible), so FastAPI injects path, query, body and
     ``Depends`` parameters as it did. Use it bare (``@threaded``) or with `run_sync`'s
     options (``@threaded(interrupt_after=1.0)``).
 
     Args:
-        func: a synchronous function (not a coroutine or generator function).
-        limiter: passed to `run_sync`.
-        interrupt_after: passed to `run_sync`.
+        func: a synchronous function or generator function (not an ``async def``).
+        limiter: passed to `run_sync` (or `iterate`).
+        interrupt_after: passed to `run_sync` (or `iterate`).
 
     Raises:
-        TypeError: if `func` is an async function, a generator function or not callable,
-            or `interrupt_after` is not a number.
+        TypeError: if `func` is an async function or not callable, or `interrupt_after`
+            is not a number.
         ValueError: if `interrupt_after` is negative or NaN.
     """
     if interrupt_after is not None:  # checked here, not at the first request
@@ -397,24 +428,23 @@ def _threaded(
     *,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[_P, Coroutine[Any, Any, _T]]:
+) -> Callable[_P, Any]:
     if not callable(func):
         raise TypeError(f"@threaded decorates a function, got {func!r}")
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError(f"{func!r} is already async: @threaded is for plain `def` functions")
+    wrapper: Callable[_P, Any]
     if inspect.isgeneratorfunction(func):
-        raise TypeError(
-            f"{func!r} is a generator function, which @threaded cannot run in one "
-            "worker call; move the blocking part into a plain function and decorate that"
-        )
+        wrapper = generator_function(func, limiter=limiter, interrupt_after=interrupt_after)
+    else:
 
-    @functools.wraps(func)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        if kwargs:  # frameworks pass parameters by name
-            call = functools.partial(func, *args, **kwargs)
-            return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
-        return await run_sync(func, *args, limiter=limiter, interrupt_after=interrupt_after)
+        async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            if kwargs:  # frameworks pass parameters by name
+                call = functools.partial(func, *args, **kwargs)
+                return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
+            return await run_sync(func, *args, limiter=limiter, interrupt_after=interrupt_after)
 
+    wrapper = functools.wraps(func)(wrapper)
     wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
     return wrapper
 
