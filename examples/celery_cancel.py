@@ -1,6 +1,6 @@
 """Cancel Celery tasks from a cancel scope: the task is told, stops, and frees its slot.
 
-    pip install "bridgecancel[celery,trio]"
+    pip install -e ".[celery,trio]"  (from a checkout of bridgecancel)
     redis-server --port 6379 &         # or any Redis; set REDIS_URL to use another
     python examples/celery_cancel.py [asyncio|trio]
 

@@ -1,7 +1,9 @@
-"""`bridgecancel.asgi.threaded`: a sync function made async, run through run_sync."""
+"""`bridgecancel.asgi.threaded`: a sync function made async, run through run_sync; a sync
+generator function made an async generator function, run through iterate."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Iterator
@@ -118,17 +120,120 @@ def test_what_it_cannot_wrap_is_refused_with_what_to_do() -> None:
     async def async_gen() -> object:
         yield 1
 
-    def gen() -> Iterator[int]:
-        yield 1
-
     with pytest.raises(TypeError, match="already async"):
         threaded(already_async)
     with pytest.raises(TypeError, match="already async"):
         threaded(async_gen)
-    with pytest.raises(TypeError, match="move the blocking part"):
-        threaded(gen)
     with pytest.raises(TypeError, match="decorates a function"):
         threaded(42)  # type: ignore[call-overload]
+
+
+# -- generator functions: through bridgecancel.iterate ---------------------------------
+
+
+def export(rows: int, *, prefix: str = "row") -> Iterator[str]:
+    """Stream rows."""
+    for i in range(rows):
+        yield f"{prefix} {i} {threading.current_thread().name}"
+
+
+def test_a_generator_function_becomes_an_async_generator_function() -> None:
+    wrapped = threaded(export)
+    assert inspect.isasyncgenfunction(wrapped)  # what FastAPI streams
+    assert wrapped.__name__ == "export"
+    assert wrapped.__doc__ == "Stream rows."
+    assert list(inspect.signature(wrapped).parameters) == ["rows", "prefix"]
+    assert inspect.signature(wrapped).return_annotation == Iterator[str]
+
+
+async def test_a_generator_streams_each_step_in_a_worker_under_one_token() -> None:
+    tokens: list[bridgecancel.CancelToken] = []
+
+    @threaded(limiter=anyio.CapacityLimiter(1))
+    def rows(n: int) -> Iterator[int]:
+        for i in range(n):
+            tokens.append(bridgecancel.current_token())
+            yield i
+
+    assert [row async for row in rows(3)] == [0, 1, 2]
+    assert tokens == [tokens[0]] * 3
+    lines = [line async for line in threaded(export)(2, prefix="line")]
+    assert [line.split()[:2] for line in lines] == [["line", "0"], ["line", "1"]]
+    assert all(threading.current_thread().name not in line for line in lines)
+
+
+async def test_the_callers_cancellation_stops_a_generator_step() -> None:
+    started = anyio.Event()
+    finally_threads: list[threading.Thread] = []
+
+    @threaded
+    def rows() -> Iterator[int]:
+        try:
+            yield 0
+            anyio.from_thread.run_sync(started.set)
+            bridgecancel.current_token().sleep(30)
+            yield 1  # pragma: no cover - the token fired
+        finally:
+            finally_threads.append(threading.current_thread())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+
+            async def consume() -> None:
+                async for _ in rows():
+                    pass  # pragma: no cover - cancelled in the second step
+
+            group.start_soon(consume)
+            await started.wait()
+            group.cancel_scope.cancel()
+    assert len(finally_threads) == 1
+    assert finally_threads[0] is not threading.current_thread()
+
+
+async def test_as_a_context_manager_its_except_sees_the_error_in_a_worker() -> None:
+    """A ``yield`` dependency (FastAPI enters it with asynccontextmanager)."""
+    seen: list[tuple[str, object]] = []
+
+    @threaded
+    def session(swallow: bool) -> Iterator[str]:
+        try:
+            yield "session"
+        except KeyError as exc:
+            seen.append(("except", threading.current_thread()))
+            if not swallow:
+                raise RuntimeError("rolled back") from exc
+        finally:
+            seen.append(("finally", threading.current_thread()))
+
+    async def endpoint(swallow: bool) -> None:
+        async with contextlib.asynccontextmanager(session)(swallow) as value:
+            assert value == "session"
+            raise KeyError("from the endpoint")
+
+    with pytest.raises(RuntimeError, match="rolled back"):
+        await endpoint(swallow=False)
+    await endpoint(swallow=True)
+    assert [what for what, _ in seen] == ["except", "finally"] * 2
+    assert all(thread is not threading.current_thread() for _, thread in seen)
+
+
+async def test_as_a_context_manager_a_cancellation_closes_it_with_the_token_fired() -> None:
+    seen: list[tuple[bool, str | None]] = []
+
+    @threaded
+    def session() -> Iterator[str]:
+        try:
+            yield "session"
+        finally:
+            token = bridgecancel.current_token()
+            seen.append((token.cancel_called, token.reason))
+
+    with anyio.CancelScope() as scope:
+        async with contextlib.asynccontextmanager(session)():
+            scope.cancel("request cancelled")
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert seen == [(True, "request cancelled")]
 
 
 def test_bad_options_are_refused_when_decorating() -> None:

@@ -22,6 +22,7 @@ from ._tokens import use_token as use_token
 
 if _typing.TYPE_CHECKING:
     from ._executor import ThreadPoolExecutor as ThreadPoolExecutor
+    from ._iterate import iterate as iterate
     from ._process._run import current_default_process_limiter as current_default_process_limiter
     from ._process._run import run_process as run_process
     from ._scopes import cancel_on as cancel_on
@@ -48,6 +49,7 @@ __all__ = (
     "check_cancelled",
     "current_default_process_limiter",
     "current_token",
+    "iterate",
     "open_token",
     "run_process",
     "run_sync",
@@ -67,6 +69,7 @@ _LAZY: dict[str, str] = {
     "statistics": "._supervise",
     "run_sync": "._threads",
     "ThreadPoolExecutor": "._executor",
+    "iterate": "._iterate",
 }
 
 

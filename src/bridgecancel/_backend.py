@@ -1,7 +1,7 @@
 """What differs between asyncio and trio, in one place: which backend runs the caller,
 its deadline in `time.monotonic` terms, calling into its loop from any thread, the cheap
-trio-only routes (trio's own cancel scopes, system tasks, parking a task), and plain
-asyncio's cancellation requests.
+trio-only routes (trio's own cancel scopes, system tasks, parking a task), hearing that a
+task has ended, and plain asyncio's cancellation requests.
 
 Only anyio's public API is used, and trio's own public API where a trio-only route is
 needed; trio is never imported here (it is read from ``sys.modules`` once a trio task is
@@ -199,6 +199,96 @@ async def park_trio_task(
 
     lowlevel.spawn_system_task(hosted, context=contextvars.copy_context())
     await lowlevel.wait_task_rescheduled(abort)
+
+
+# -- the end of a task ------------------------------------------------------------------------
+
+
+def current_task() -> object:
+    """The task running the caller (an ``asyncio.Task``, a trio ``Task``), or None."""
+    if on_trio():
+        return sys.modules["trio"].lowlevel.current_task()
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # pragma: no cover - no running loop: no task
+        return None
+
+
+class TaskExitWatch:
+    """Calls ``callback()`` in the event loop's thread once the current task has ended
+    (returned, raised or been cancelled), unless withdrawn first.
+
+    asyncio: a done callback on the task. trio has none, so an instrument (one per run,
+    added on first use) hears every task exit and calls the watches filed for it.
+    `callback` must not raise; it should hold no strong reference to what it acts on,
+    since the task (or the run) holds it until the task ends.
+    """
+
+    __slots__ = ("_callback", "_exits", "_thread", "task")
+
+    def __init__(self, callback: Callable[[], object]) -> None:
+        self._callback = callback
+        self._thread = threading.get_ident()
+        self._exits: _TrioTaskExits | None = None
+        if on_trio():
+            self.task: Any = sys.modules["trio"].lowlevel.current_task()
+            self._exits = _trio_task_exits()
+            self._exits.watches.setdefault(self.task, {})[self] = None
+        else:
+            self.task = current_task()
+            if self.task is not None:
+                self.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: object = None) -> None:
+        self._callback()
+
+    def withdraw(self) -> None:
+        """Never call back. Only in the loop's thread: elsewhere (a garbage collection
+        in another thread) it does nothing, and the callback must find nothing to do."""
+        if threading.get_ident() != self._thread:
+            return
+        exits = self._exits
+        if exits is not None:
+            watches = exits.watches.get(self.task)
+            if watches is not None:
+                watches.pop(self, None)
+                if not watches:
+                    del exits.watches[self.task]
+        elif self.task is not None:
+            self.task.remove_done_callback(self._task_done)
+
+
+class _TrioTaskExits:
+    """A trio instrument (duck-typed: trio calls the hooks an object defines) that calls
+    the watches filed for each task as it exits."""
+
+    def __init__(self) -> None:
+        self.watches: dict[Any, dict[TaskExitWatch, None]] = {}
+
+    def task_exited(self, task: object) -> None:
+        # A hook that raises is removed by trio: callbacks must not raise.
+        watches = self.watches.pop(task, None)
+        if watches:
+            for watch in watches:
+                watch._callback()
+
+
+_trio_exits_var: Any = None  # trio.lowlevel.RunVar, made on first use
+
+
+def _trio_task_exits() -> _TrioTaskExits:
+    """This trio run's instrument, added to the run on first use."""
+    global _trio_exits_var
+    lowlevel = sys.modules["trio"].lowlevel
+    if _trio_exits_var is None:
+        _trio_exits_var = lowlevel.RunVar("bridgecancel task exits")
+    try:
+        exits: _TrioTaskExits = _trio_exits_var.get()
+    except LookupError:
+        exits = _TrioTaskExits()
+        lowlevel.add_instrument(exits)
+        _trio_exits_var.set(exits)
+    return exits
 
 
 # -- why the caller was cancelled ------------------------------------------------------------

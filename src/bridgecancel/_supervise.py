@@ -59,6 +59,7 @@ __all__ = (
     "abandon",
     "check_call",
     "check_func",
+    "check_options",
     "deliver",
     "deliver_cancelled",
     "escalate",
@@ -448,6 +449,17 @@ def check_call(
     comes (None or infinity).
     """
     check_func(api, func)
+    return check_options(api, limiter, interrupt_after=interrupt_after, kill_after=kill_after)
+
+
+def check_options(
+    api: str,
+    limiter: object,
+    *,
+    interrupt_after: float | None,
+    kill_after: float | None = None,
+) -> tuple[float | None, float | None]:
+    """Check the options of a call of `api` (`check_call` without the function)."""
     if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
         raise TypeError(
             f"{api}() takes limiter=anyio.CapacityLimiter(n) (or None for the default "

@@ -35,6 +35,7 @@ __all__ = (
     "CALLER_CANCELLED",
     "DEADLINE_REASON",
     "INTERRUPTED_REASON",
+    "UNCLOSED_REASON",
     "CancelSource",
     "CancelToken",
     "Cancelled",
@@ -57,6 +58,9 @@ CALLER_CANCELLED: Final = "the caller was cancelled"
 
 INTERRUPTED_REASON: Final = "interrupted"
 """The `Cancelled` raised inside a worker by ``interrupt_after=``."""
+
+UNCLOSED_REASON: Final = "the iteration was left unclosed"
+"""An `iterate` token, when its iteration was dropped, or its task ended, unclosed."""
 
 
 # -- Cancelled -----------------------------------------------------------------------------
@@ -613,6 +617,15 @@ class CancelSource(LeftOnExit):
         registration = parent._register(_cancel_follower, (ref, parent), FOLLOWER)
         holder.append(registration)
         self._parents.append(registration)
+
+    def _follow_while(self, parent: CancelToken) -> Registration:
+        """Fire when `parent` does, until the registration returned is unregistered.
+
+        Unlike `_follow`, the source keeps no record of it: for a parent that lasts a
+        short while and is replaced (each step of `iterate` has its own job token), so
+        that a long iteration does not pile up registrations.
+        """
+        return parent._register(_cancel_follower, (weakref.ref(self), parent), FOLLOWER)
 
 
 def _cancel_follower(ref: weakref.ref[CancelSource], parent: CancelToken) -> None:

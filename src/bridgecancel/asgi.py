@@ -27,18 +27,28 @@ import math
 import time
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    MutableMapping,
+)
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, overload
 
 import anyio
 
 from ._backend import BackgroundTask, new_cancel_scope, on_trio
+from ._iterate import generator_function
 from ._threads import run_sync
 from ._tokens import DEADLINE_REASON
 from ._util import check_seconds, describe, describe_error
 
 __all__ = (
     "CancelOnDisconnectMiddleware",
+    "ThreadedDecorator",
     "threaded",
 )
 
@@ -423,6 +433,24 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class ThreadedDecorator(Protocol):
+    """What ``threaded(limiter=..., interrupt_after=...)`` returns."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, func: Callable[P, Iterator[T]], /
+    ) -> Callable[P, AsyncGenerator[T, None]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+
+@overload
+def threaded(  # type: ignore[overload-overlap]
+    func: Callable[P, Iterator[T]], /
+) -> Callable[P, AsyncGenerator[T, None]]: ...
+
+
 @overload
 def threaded(func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
 
@@ -432,19 +460,16 @@ def threaded(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]: ...
+) -> ThreadedDecorator: ...
 
 
 def threaded(
-    func: Callable[P, T] | None = None,
+    func: Callable[..., Any] | None = None,
     /,
     *,
     limiter: anyio.CapacityLimiter | None = None,
     interrupt_after: float | None = None,
-) -> (
-    Callable[P, Coroutine[Any, Any, T]]
-    | Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]
-):
+) -> Any:
     """Turn a sync function into an async one that runs it through `bridgecancel.run_sync`.
 
     For web frameworks that run a plain ``def`` endpoint or dependency in
@@ -455,19 +480,26 @@ def threaded(
     the first such call of each decorated function logs a WARNING on the
     ``bridgecancel`` logger that says so and how to add the middleware.
 
+    A generator function becomes an async generator function that runs the generator
+    through `bridgecancel.iterate`: each step in a worker thread, under one token for the
+    whole iteration, and its ``finally`` in a worker too. FastAPI streams a generator
+    endpoint's items (``response_class=StreamingResponse``, JSON Lines, server-sent
+    events); as a ``yield`` dependency, its ``except`` blocks still see the endpoint's
+    error, thrown into the generator in a worker thread.
+
     The wrapper keeps the function's name, docstring and signature (with string
     annotations evaluated where possible), so FastAPI injects path, query, body and
     ``Depends`` parameters as it did. Use it bare (``@threaded``) or with `run_sync`'s
     options (``@threaded(interrupt_after=1.0)``).
 
     Args:
-        func: a synchronous function (not a coroutine or generator function).
-        limiter: passed to `run_sync`.
-        interrupt_after: passed to `run_sync`.
+        func: a synchronous function or generator function (not an ``async def``).
+        limiter: passed to `run_sync` (or `iterate`).
+        interrupt_after: passed to `run_sync` (or `iterate`).
 
     Raises:
-        TypeError: if `func` is an async function, a generator function or not callable,
-            or `interrupt_after` is not a number.
+        TypeError: if `func` is an async function or not callable, or `interrupt_after`
+            is not a number.
         ValueError: if `interrupt_after` is negative or NaN.
     """
     if interrupt_after is not None:  # checked here, not at the first request
@@ -484,31 +516,29 @@ def _threaded(
     *,
     limiter: anyio.CapacityLimiter | None,
     interrupt_after: float | None,
-) -> Callable[P, Coroutine[Any, Any, T]]:
+) -> Callable[P, Any]:
     if not callable(func):
         raise TypeError(f"@threaded decorates a function, got {func!r}")
     if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError(f"{func!r} is already async: @threaded is for plain `def` functions")
-    if inspect.isgeneratorfunction(func):
-        raise TypeError(
-            f"{func!r} is a generator function, which @threaded cannot run in one "
-            "worker call; move the blocking part into a plain function and decorate that"
-        )
-
     # Popped by the first call with no middleware around it (list.pop() is atomic, so
     # the warning is logged once even if two event loops race for it); once it is
     # empty, a call costs one more truth test and nothing else.
     unwarned: list[Callable[..., object]] = [func]
+    wrapper: Callable[P, Any]
+    if inspect.isgeneratorfunction(func):
+        wrapper = generator_function(func, limiter=limiter, interrupt_after=interrupt_after)
+    else:
 
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if unwarned and not _under_middleware.get():
-            _warn_unguarded(unwarned)
-        if kwargs:  # frameworks pass parameters by name
-            call = functools.partial(func, *args, **kwargs)
-            return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
-        return await run_sync(func, *args, limiter=limiter, interrupt_after=interrupt_after)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            if unwarned and not _under_middleware.get():
+                _warn_unguarded(unwarned)
+            if kwargs:  # frameworks pass parameters by name
+                call = functools.partial(func, *args, **kwargs)
+                return await run_sync(call, limiter=limiter, interrupt_after=interrupt_after)
+            return await run_sync(func, *args, limiter=limiter, interrupt_after=interrupt_after)
 
+    wrapper = functools.wraps(func)(wrapper)
     wrapper.__signature__ = _signature(func)  # type: ignore[attr-defined]
     return wrapper
 

@@ -57,7 +57,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "bridgecancel.celery needs Celery and the Redis client: "
-        "pip install 'bridgecancel[celery]'"
+        "pip install 'celery[redis]' (or, from a checkout, pip install -e '.[celery]')"
     ) from exc
 
 from . import _supervise as supervise

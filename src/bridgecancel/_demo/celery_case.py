@@ -46,7 +46,7 @@ _PATIENCE: Final = 60.0  # seconds for Redis or a worker to start
 def missing() -> str | None:
     """What the case needs and does not find, as the row says it; None if nothing."""
     if importlib.util.find_spec("celery") is None or importlib.util.find_spec("redis") is None:
-        return "not run: install Celery with pip install 'bridgecancel[celery]'"
+        return "not run: install Celery (pip install -e '.[celery]' from a checkout)"
     if shutil.which("redis-server") is None:
         return "not run: no redis-server found (apt-get install redis-server)"
     return None
