@@ -6,10 +6,10 @@ server's messages, and cancels the view when that reader sees ``http.disconnect`
 `threaded`, stops when its client leaves, with no middleware at all.
 
 Wrapped in CancelOnDisconnectMiddleware (``app.asgi_app = CancelOnDisconnectMiddleware(
-app.asgi_app)``, Quart's way to add ASGI middleware), it does not: the middleware cancels
-the task that waits for Quart's two tasks, and Quart cancels its view task only after that
-wait returns, so the view task is left running and its worker runs to its end. The
-strict xfail below pins that down until it is fixed.
+app.asgi_app)``, Quart's way to add ASGI middleware), it does not yet: the middleware
+cancels the task that waits for Quart's two tasks, and Quart cancels its view task only
+after that wait returns, so the view task is left running and its worker runs to its end
+(an open defect of issue 17, not tested here until it is fixed).
 
 Quart is asyncio only: these run under uvicorn and hypercorn's asyncio worker.
 """
@@ -119,17 +119,3 @@ async def test_quart_under_the_middleware_client_that_waits_gets_its_response(
         assert await fetch(port, http_request(path="/quick")) == (200, b"finished")
     assert probe.fired is False
     assert not probe.cancelled
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Quart cancels its view task only after the wait that the middleware cancels: "
-    "the view runs on, its worker's token never fires",
-)
-async def test_quart_under_the_middleware_view_stops_when_the_client_leaves(server: str) -> None:
-    probe = Probe()
-    # A bounded job: the view the middleware fails to stop ends on its own.
-    async with serve(server, with_middleware(quart_app(probe, seconds=0.5))) as port:
-        await leave_while_blocked(port, probe, http_request(path="/work"))
-        assert probe.fired is True
