@@ -283,7 +283,12 @@ async def test_limiter_bounds_jobs_and_queued_jobs_never_start(tmp_path: Path) -
                     lambda m: run_process(h.wait_for_cancel, str(m), limiter=limiter), marker
                 )
             with anyio.fail_after(30):
-                while sum(m.exists() for m in markers) < 2:
+                # The job writes its marker after it told the caller it started, which
+                # the caller counts once it has read that: wait for both.
+                while (
+                    sum(m.exists() for m in markers) < 2
+                    or stats().running - before.running < 2
+                ):
                     await anyio.sleep(0.005)
             assert limiter.borrowed_tokens == 2
             assert limiter.statistics().tasks_waiting == 2
