@@ -772,13 +772,13 @@ class shield:  # a context manager, named as the function it stands for
     only the token is shielded.
     """
 
-    __slots__ = ("_reset",)
+    __slots__ = ("_using",)
 
     def __init__(self) -> None:
-        self._reset: Token[CancelToken] | None = None
+        self._using: use_token | None = None
 
     def __enter__(self) -> None:
-        if self._reset is not None:
+        if self._using is not None:
             raise RuntimeError("this shield() block is already entered; make one per block")
         state = shield_state
         interrupter = state.interrupter
@@ -789,7 +789,8 @@ class shield:  # a context manager, named as the function it stands for
                 interrupter.release()
                 raise
         state.depth += 1
-        self._reset = _current.set(_NEVER)
+        self._using = use_token(_NEVER)
+        self._using.__enter__()
 
     def __exit__(
         self,
@@ -797,9 +798,9 @@ class shield:  # a context manager, named as the function it stands for
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        reset, self._reset = self._reset, None
-        assert reset is not None
-        _current.reset(reset)
+        using, self._using = self._using, None
+        assert using is not None
+        using.__exit__(exc_type, exc_value, traceback)
         state = shield_state
         state.depth -= 1
         interrupter = state.interrupter
