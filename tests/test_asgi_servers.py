@@ -12,7 +12,9 @@ reactor, gunicorn's worker on uvicorn's asyncio loop. The client runs on asyncio
 What each server does by itself, which the tests pin down too: granian and gunicorn never
 cancel a handler whose client left; daphne cancels it ``--application-close-timeout``
 seconds later (10 by default; 1 here), and reads the whole request body before it calls
-the app, so a client that leaves mid-upload never reaches the app at all.
+the app, so a client that leaves mid-upload never reaches the app at all, and one that
+leaves after sending more than the middleware reads ahead is not seen until the handler
+reads it.
 """
 
 from __future__ import annotations
@@ -257,3 +259,16 @@ async def test_daphne_never_calls_the_app_for_an_upload_cut_short(served: Served
     await client.aclose()
     await anyio.sleep(0.3)
     assert "called_at" not in await served.state(request_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", ["daphne"], indirect=True)
+async def test_daphne_body_past_the_bound_hides_the_disconnect(served: Served) -> None:
+    """daphne queues the whole body, then the disconnect behind it: the middleware, which
+    reads ahead only up to max_buffered (1 MiB), does not see a client leave whose larger
+    body the handler has not read; daphne's own close timeout cancels the handler then."""
+    body = b"x" * 3_000_000
+    record, left_at = await served.leave_while_blocked("/mw/work", body=body)
+    assert record["fired"] is True
+    assert record["reason"] == "the caller was cancelled"  # daphne's, not the middleware's
+    assert record["fired_at"] - left_at >= DAPHNE_CLOSE_TIMEOUT
